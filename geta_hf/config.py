@@ -1,0 +1,290 @@
+"""`GETAConfig`: every GETA knob in one validated, JSON-serialisable dataclass.
+
+The fields mirror GETA-METHOD.md (§0 sparsity target, §1 quantizer, §3 QASSO schedule and
+importance scoring). Validation happens on construction: a bad value raises ``ValueError`` naming
+the field and the allowed range, and nothing the user passed is rewritten.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence, Union
+
+__all__ = ["GETAConfig", "Schedule", "IMPORTANCE_CRITERIA", "QUANTIZER_KINDS"]
+
+#: The five saliency criteria of GETA-METHOD §3.3, in a fixed order.
+IMPORTANCE_CRITERIA = (
+    "magnitude",
+    "avg_magnitude",
+    "cosine_similarity",
+    "taylor_first_order",
+    "taylor_second_order",
+)
+#: ``linear``: Q(x) = sign(x) d round(min(|x|, q_m) / d);  ``nonlinear``: same with min(|x|, q_m)^t.
+QUANTIZER_KINDS = ("linear", "nonlinear")
+MIN_BITS, MAX_BITS = 2, 16
+
+StageLength = Union[int, float]
+
+
+def _default_importance() -> dict:
+    return {name: 0.2 for name in IMPORTANCE_CRITERIA}
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Absolute stage boundaries (optimizer steps, 0-based step index ``k``).
+
+    Step ``k`` belongs to warm-up if ``k < warmup_end``, projection if ``k < projection_end``,
+    joint if ``k < joint_end``, cool-down otherwise.
+    """
+
+    total_steps: int
+    warmup_end: int
+    projection_end: int
+    joint_end: int
+
+    @property
+    def warmup_steps(self) -> int:
+        return self.warmup_end
+
+    @property
+    def projection_steps(self) -> int:
+        return self.projection_end - self.warmup_end
+
+    @property
+    def joint_steps(self) -> int:
+        return self.joint_end - self.projection_end
+
+    @property
+    def cooldown_steps(self) -> int:
+        return self.total_steps - self.joint_end
+
+    def stage(self, step: int) -> str:
+        if step < self.warmup_end:
+            return "warmup"
+        if step < self.projection_end:
+            return "projection"
+        if step < self.joint_end:
+            return "joint"
+        return "cooldown"
+
+
+def _err(name: str, value: Any, allowed: str) -> ValueError:
+    return ValueError(f"GETAConfig.{name}: got {value!r}; allowed: {allowed}")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_real(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+@dataclass
+class GETAConfig:
+    """Configuration of joint structured pruning and mixed-precision QAT (GETA).
+
+    Args:
+        target_group_sparsity: fraction of prunable units (heads, kv-groups, MLP channels) to
+            remove, in ``[0, 1)``. Counted in units, as in the paper (GETA-METHOD §0).
+        weight_bits: ``(b_l, b_u)`` bit range for weights, integers in ``[2, 16]`` with
+            ``b_l <= b_u``. Layers start at ``b_u``.
+        activation_bits: ``(b_l, b_u)`` for layer inputs, or ``None`` for weight-only quantization.
+        bit_reduction: how much the upper bit bound drops at each projection period (§3.2).
+            The bound never goes below ``b_l``.
+        quantizer: ``"nonlinear"`` (learned exponent ``t``) or ``"linear"`` (``t = 1``, no parameter).
+        warmup, projection, joint: stage lengths. A ``float`` in ``[0, 1]`` is a fraction of the
+            total optimizer steps, an ``int >= 0`` an absolute number of steps. Cool-down is
+            whatever remains.
+        projection_periods: number of max-bit reduction periods in the projection stage (``>= 1``).
+        pruning_periods: number of periods over which the ``K`` units are selected and forgotten
+            in the joint stage (``>= 1``).
+        importance_weights: weights of the five saliency criteria (§3.3); non-negative, not all 0.
+        group_divisible: keep a multiple of this many units per family (hardware-friendly widths).
+        include_modules: glob patterns of module names to quantize (``None``: every Linear).
+        exclude_modules: glob patterns of module names never quantized.
+        unprunable_modules: glob patterns of module names whose families are never pruned.
+        min_units_per_family: units every family keeps, at least 1 (never remove a whole layer).
+        quant_lr: learning rate of the quantizer scalars ``d``, ``q_m``, ``t``.
+        act_calibration_batches: batches used to initialise activation ranges from data.
+        act_calibration_percentile: percentile of ``|x|`` used as the initial activation clip
+            ``q_m`` (100 = max), in ``(0, 100]``.
+    """
+
+    target_group_sparsity: float = 0.5
+    weight_bits: Sequence[int] = (4, 16)
+    activation_bits: Optional[Sequence[int]] = None
+    bit_reduction: int = 2
+    quantizer: str = "nonlinear"
+    warmup: StageLength = 0.1
+    projection: StageLength = 0.2
+    joint: StageLength = 0.4
+    projection_periods: int = 5
+    pruning_periods: int = 5
+    importance_weights: dict = field(default_factory=_default_importance)
+    group_divisible: int = 1
+    include_modules: Optional[Sequence[str]] = None
+    exclude_modules: Sequence[str] = ()
+    unprunable_modules: Sequence[str] = ()
+    min_units_per_family: int = 1
+    quant_lr: float = 1e-3
+    act_calibration_batches: int = 4
+    act_calibration_percentile: float = 100.0
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        """Check every field; raise ``ValueError`` naming the first bad one."""
+        s = self.target_group_sparsity
+        if not _is_real(s) or not (0.0 <= s < 1.0) or math.isnan(s):
+            raise _err("target_group_sparsity", s, "a number in [0, 1)")
+        self._check_bits("weight_bits", self.weight_bits, optional=False)
+        self._check_bits("activation_bits", self.activation_bits, optional=True)
+        if not _is_int(self.bit_reduction) or self.bit_reduction < 0:
+            raise _err("bit_reduction", self.bit_reduction, "an integer >= 0")
+        if self.quantizer not in QUANTIZER_KINDS:
+            raise _err("quantizer", self.quantizer, " or ".join(repr(k) for k in QUANTIZER_KINDS))
+        fractions = 0.0
+        for name in ("warmup", "projection", "joint"):
+            v = getattr(self, name)
+            if _is_int(v):
+                if v < 0:
+                    raise _err(name, v, "an int >= 0 (steps) or a float in [0, 1] (fraction)")
+            elif isinstance(v, float):
+                if not (0.0 <= v <= 1.0):
+                    raise _err(name, v, "an int >= 0 (steps) or a float in [0, 1] (fraction)")
+                fractions += v
+            else:
+                raise _err(name, v, "an int >= 0 (steps) or a float in [0, 1] (fraction)")
+        if fractions > 1.0 + 1e-9:
+            raise ValueError(
+                "GETAConfig.warmup/projection/joint: the stage fractions sum to "
+                f"{fractions:g}; allowed: a sum <= 1 (cool-down takes the rest)"
+            )
+        for name in ("projection_periods", "pruning_periods", "group_divisible",
+                     "min_units_per_family", "act_calibration_batches"):
+            v = getattr(self, name)
+            if not _is_int(v) or v < 1:
+                raise _err(name, v, "an integer >= 1")
+        w = self.importance_weights
+        if not isinstance(w, dict) or not w:
+            raise _err("importance_weights", w, f"a dict over {list(IMPORTANCE_CRITERIA)}")
+        for k, v in w.items():
+            if k not in IMPORTANCE_CRITERIA:
+                raise _err("importance_weights", k, f"keys among {list(IMPORTANCE_CRITERIA)}")
+            if not _is_real(v) or not (v >= 0.0) or math.isinf(v):
+                raise _err(f"importance_weights[{k!r}]", v, "a finite number >= 0")
+        if sum(w.values()) <= 0:
+            raise _err("importance_weights", w, "at least one weight > 0")
+        if self.include_modules is not None:
+            self._check_patterns("include_modules", self.include_modules)
+            if len(self.include_modules) == 0:
+                raise _err("include_modules", self.include_modules,
+                           "None (every Linear) or a non-empty list of glob patterns")
+        self._check_patterns("exclude_modules", self.exclude_modules)
+        self._check_patterns("unprunable_modules", self.unprunable_modules)
+        lr = self.quant_lr
+        if not _is_real(lr) or not (lr > 0) or math.isinf(lr):
+            raise _err("quant_lr", lr, "a finite number > 0")
+        p = self.act_calibration_percentile
+        if not _is_real(p) or not (0.0 < p <= 100.0):
+            raise _err("act_calibration_percentile", p, "a number in (0, 100]")
+
+    @staticmethod
+    def _check_bits(name: str, v: Any, optional: bool) -> None:
+        allowed = f"a pair (b_l, b_u) of integers with {MIN_BITS} <= b_l <= b_u <= {MAX_BITS}"
+        if v is None:
+            if optional:
+                return
+            raise _err(name, v, allowed)
+        if isinstance(v, (str, bytes)) or not isinstance(v, Sequence) or len(v) != 2:
+            raise _err(name, v, allowed + (" or None" if optional else ""))
+        lo, hi = v
+        if not (_is_int(lo) and _is_int(hi)) or not (MIN_BITS <= lo <= hi <= MAX_BITS):
+            raise _err(name, v, allowed + (" or None" if optional else ""))
+
+    @staticmethod
+    def _check_patterns(name: str, v: Any) -> None:
+        if isinstance(v, (str, bytes)) or not isinstance(v, Sequence):
+            raise _err(name, v, "a list of glob patterns (strings)")
+        for p in v:
+            if not isinstance(p, str) or not p:
+                raise _err(name, p, "non-empty strings (glob patterns)")
+
+    # ------------------------------------------------------------------ derived values
+    @property
+    def nonlinear(self) -> bool:
+        return self.quantizer == "nonlinear"
+
+    @property
+    def quantize_activations(self) -> bool:
+        return self.activation_bits is not None
+
+    def resolve_schedule(self, total_steps: int) -> Schedule:
+        """Absolute stage boundaries for a run of ``total_steps`` optimizer steps."""
+        if not _is_int(total_steps) or total_steps < 1:
+            raise ValueError(f"total_steps: got {total_steps!r}; allowed: an integer >= 1")
+        lengths = []
+        for name in ("warmup", "projection", "joint"):
+            v = getattr(self, name)
+            lengths.append(int(round(v * total_steps)) if isinstance(v, float) else v)
+        if sum(lengths) > total_steps:
+            raise ValueError(
+                f"GETAConfig.warmup/projection/joint: the stages need {sum(lengths)} steps "
+                f"({lengths[0]} + {lengths[1]} + {lengths[2]}) but the run has only "
+                f"total_steps={total_steps}; allowed: a sum <= total_steps"
+            )
+        w, p, j = lengths
+        return Schedule(total_steps=total_steps, warmup_end=w, projection_end=w + p,
+                        joint_end=w + p + j)
+
+    # ------------------------------------------------------------------ serialisation
+    def to_dict(self) -> dict:
+        """A JSON-safe dict (tuples become lists); ``from_dict`` inverts it exactly."""
+        out = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, tuple):
+                v = list(v)
+            elif isinstance(v, dict):
+                v = dict(v)
+            elif isinstance(v, list):
+                v = list(v)
+            out[f.name] = v
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "GETAConfig":
+        if not isinstance(data, dict):
+            raise ValueError(f"GETAConfig.from_dict: expected a dict, got {type(data).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"GETAConfig.from_dict: unknown field(s) {unknown}; allowed: {sorted(names)}")
+        kwargs = dict(data)
+        for key in ("weight_bits", "activation_bits"):
+            if isinstance(kwargs.get(key), list):
+                kwargs[key] = tuple(kwargs[key])
+        for key in ("exclude_modules", "unprunable_modules", "include_modules"):
+            if isinstance(kwargs.get(key), list):
+                kwargs[key] = tuple(kwargs[key])
+        return cls(**kwargs)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "GETAConfig":
+        return cls.from_dict(json.loads(text))
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, GETAConfig):
+            return NotImplemented
+        return self.to_dict() == other.to_dict()

@@ -1,0 +1,12 @@
+"""GETA quantization: the fake quantizer, bit-width math, quantized layers and `prepare_model`."""
+
+from .functional import bit_width, d_for_bits, fake_quantize
+from .layers import QuantConv1D, QuantLayerMixin, QuantLinear, is_quant_layer, quant_layers
+from .prepare import calibrate_activations, prepare_model, quantization_bypassed
+from .quantizer import GETAQuantizer
+
+__all__ = [
+    "bit_width", "d_for_bits", "fake_quantize", "GETAQuantizer", "QuantLinear", "QuantConv1D",
+    "QuantLayerMixin", "is_quant_layer", "quant_layers", "prepare_model",
+    "calibrate_activations", "quantization_bypassed",
+]

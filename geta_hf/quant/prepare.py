@@ -1,0 +1,223 @@
+"""`prepare_model`: insert GETA quantizers into a model; `calibrate_activations`: set input ranges."""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import logging
+from typing import Iterable, Iterator, Mapping, Optional
+
+import torch
+from torch import nn
+
+from ..config import GETAConfig
+from .layers import QuantConv1D, QuantLayerMixin, QuantLinear, _conv1d_cls, quant_layers
+
+__all__ = ["prepare_model", "calibrate_activations", "quantization_bypassed",
+           "QUANT_SPEC_ATTR"]
+
+logger = logging.getLogger(__name__)
+
+#: Attribute set on a prepared model: the quantization-relevant part of its GETAConfig.
+QUANT_SPEC_ATTR = "_geta_quant_spec"
+
+
+def _quant_spec(cfg: GETAConfig) -> dict:
+    return {
+        "quantizer": cfg.quantizer,
+        "weight_bits": list(cfg.weight_bits),
+        "activation_bits": None if cfg.activation_bits is None else list(cfg.activation_bits),
+        "include_modules": None if cfg.include_modules is None else list(cfg.include_modules),
+        "exclude_modules": list(cfg.exclude_modules),
+    }
+
+
+def _float_layer_types():
+    return (nn.Linear, _conv1d_cls())
+
+
+def _matches(name: str, patterns) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def _shared_weights(model: nn.Module) -> set:
+    """ids of parameters used by more than one module (tied weights)."""
+    seen: dict[int, int] = {}
+    for _, mod in model.named_modules(remove_duplicate=False):
+        for p in mod.parameters(recurse=False):
+            seen[id(p)] = seen.get(id(p), 0) + 1
+    return {pid for pid, n in seen.items() if n > 1}
+
+
+def _select_layers(model: nn.Module, cfg: GETAConfig):
+    float_types = _float_layer_types()
+    candidates = [(n, m) for n, m in model.named_modules()
+                  if isinstance(m, float_types) and not isinstance(m, QuantLayerMixin)]
+    names = [n for n, _ in candidates] + [n for n, _ in quant_layers(model)]
+    for field_name, patterns in (("include_modules", cfg.include_modules or ()),
+                                 ("exclude_modules", cfg.exclude_modules)):
+        for p in patterns:
+            if not any(fnmatch.fnmatchcase(n, p) for n in names):
+                example = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+                raise ValueError(
+                    f"GETAConfig.{field_name}: pattern {p!r} matches no Linear/Conv1D module of "
+                    f"{type(model).__name__}; module names look like: {example}")
+    shared = _shared_weights(model)
+    chosen = []
+    for name, mod in candidates:
+        if cfg.include_modules is not None and not _matches(name, cfg.include_modules):
+            continue
+        if _matches(name, cfg.exclude_modules):
+            continue
+        if id(mod.weight) in shared:
+            logger.info("geta_hf: not quantizing %s: its weight is tied to another module", name)
+            continue
+        chosen.append((name, mod))
+    return chosen
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def prepare_model(model: nn.Module, cfg: GETAConfig,
+                  calibration_data: Optional[Iterable] = None) -> nn.Module:
+    """Insert GETA fake quantizers into ``model`` (in place) and return it.
+
+    Every ``nn.Linear`` and GPT-2 ``Conv1D`` selected by ``cfg.include_modules`` /
+    ``cfg.exclude_modules`` becomes a :class:`QuantLinear` / :class:`QuantConv1D` sharing the
+    original parameters, with its weight quantizer initialised at ``max(cfg.weight_bits)`` bits
+    (``q_m = max|W|``, ``t = 1``; GETA-METHOD §1.4). Layers whose weight is tied to another module
+    (e.g. an LM head tied to the embeddings) are left in float and logged.
+
+    With ``cfg.activation_bits`` set, each layer also gets an input quantizer. Its range comes from
+    data: pass ``calibration_data`` (an iterable of model-input dicts or tensors) here, or call
+    :func:`calibrate_activations` later; until then the input quantizers pass values through.
+
+    Idempotent: preparing an already prepared model with the same quantization settings is a
+    no-op; different settings raise ``ValueError``. The model keeps its class (an HF
+    ``PreTrainedModel`` stays one).
+    """
+    if not isinstance(cfg, GETAConfig):
+        raise TypeError(f"prepare_model: cfg must be a GETAConfig, got {type(cfg).__name__}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"prepare_model: model must be a torch.nn.Module, got {type(model).__name__}")
+    spec = _quant_spec(cfg)
+    existing = getattr(model, QUANT_SPEC_ATTR, None)
+    if existing is not None:
+        if existing != spec:
+            raise ValueError(
+                "prepare_model: the model is already prepared with different quantization "
+                f"settings {existing}; requested {spec}. Start from the float model to change them.")
+        if cfg.quantize_activations and calibration_data is not None:
+            calibrate_activations(model, calibration_data, cfg)
+        return model
+    chosen = _select_layers(model, cfg)
+    if not chosen:
+        raise ValueError(
+            f"prepare_model: no Linear/Conv1D layer of {type(model).__name__} was selected for "
+            "quantization; check GETAConfig.include_modules / exclude_modules")
+    w_bits = max(cfg.weight_bits)
+    for name, mod in chosen:
+        if isinstance(mod, nn.Linear):
+            new = QuantLinear.from_float(mod, nonlinear=cfg.nonlinear,
+                                         quantize_input=cfg.quantize_activations)
+        else:
+            new = QuantConv1D.from_float(mod, nonlinear=cfg.nonlinear,
+                                         quantize_input=cfg.quantize_activations)
+        with torch.no_grad():
+            new.weight_quantizer.init_range(mod.weight.detach().abs().amax().float(), w_bits)
+        _set_submodule(model, name, new)
+    setattr(model, QUANT_SPEC_ATTR, spec)
+    if cfg.quantize_activations and calibration_data is not None:
+        calibrate_activations(model, calibration_data, cfg)
+    return model
+
+
+@contextlib.contextmanager
+def quantization_bypassed(model: nn.Module) -> Iterator[None]:
+    """Within the block every quantized layer of ``model`` computes in full precision."""
+    layers = [m for _, m in quant_layers(model)]
+    previous = [m.quant_bypass for m in layers]
+    for m in layers:
+        m.quant_bypass = True
+    try:
+        yield
+    finally:
+        for m, prev in zip(layers, previous):
+            m.quant_bypass = prev
+
+
+def _run_model(model: nn.Module, batch) -> None:
+    if isinstance(batch, Mapping):
+        model(**batch)
+    elif isinstance(batch, (tuple, list)):
+        model(*batch)
+    else:
+        model(batch)
+
+
+def _abs_percentile(x: torch.Tensor, percentile: float, gen: torch.Generator) -> torch.Tensor:
+    a = x.detach().abs().flatten().float()
+    if percentile >= 100.0:
+        return a.amax()
+    if a.numel() > 1 << 20:  # torch.quantile is limited in size; a fixed random subsample suffices
+        idx = torch.randint(0, a.numel(), (1 << 20,), generator=gen, device="cpu").to(a.device)
+        a = a[idx]
+    return torch.quantile(a, percentile / 100.0)
+
+
+@torch.no_grad()
+def calibrate_activations(model: nn.Module, batches: Iterable, cfg: GETAConfig,
+                          max_batches: Optional[int] = None) -> dict:
+    """Initialise every input quantizer's range from data (GETA-METHOD §6.1.4 fix).
+
+    Runs the model in eval mode, in full precision, on up to ``max_batches`` (default
+    ``cfg.act_calibration_batches``) batches; each layer's clip ``q_m`` becomes the largest
+    ``cfg.act_calibration_percentile``-th percentile of ``|input|`` seen, and ``d`` is set for
+    ``max(cfg.activation_bits)`` bits. Returns ``{layer name: q_m}``.
+    """
+    if cfg.activation_bits is None:
+        raise ValueError("calibrate_activations: GETAConfig.activation_bits is None "
+                         "(weight-only quantization has no activation ranges to calibrate)")
+    layers = [(n, m) for n, m in quant_layers(model) if m.act_quantizer is not None]
+    if not layers:
+        raise ValueError("calibrate_activations: the model has no input quantizers; call "
+                         "prepare_model with GETAConfig.activation_bits set first")
+    limit = max_batches or cfg.act_calibration_batches
+    stats: dict[str, torch.Tensor] = {}
+    gen = torch.Generator().manual_seed(0)
+
+    def hook_for(name):
+        def hook(_mod, args):
+            v = _abs_percentile(args[0], cfg.act_calibration_percentile, gen)
+            stats[name] = v if name not in stats else torch.maximum(stats[name], v)
+        return hook
+
+    handles = [m.register_forward_pre_hook(hook_for(n)) for n, m in layers]
+    was_training = model.training
+    model.eval()
+    seen = 0
+    try:
+        with quantization_bypassed(model):
+            for batch in batches:
+                if seen >= limit:
+                    break
+                _run_model(model, batch)
+                seen += 1
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    if seen == 0:
+        raise ValueError("calibrate_activations: no calibration batch was given")
+    bits = max(cfg.activation_bits)
+    missing = [n for n, _ in layers if n not in stats]
+    if missing:
+        raise ValueError(f"calibrate_activations: layers {missing[:3]} never ran on the calibration "
+                         "batches; exclude them (GETAConfig.exclude_modules) or use other batches")
+    for name, m in layers:
+        m.act_quantizer.init_range(stats[name], bits)
+    return {n: float(stats[n]) for n, _ in layers}
