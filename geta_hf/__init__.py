@@ -1,8 +1,12 @@
 """geta-hf: joint structured pruning and mixed-precision QAT (GETA) for Hugging Face Transformers."""
 
 from .config import GETAConfig
+from .graph import QADG, GraphCaptureError, build_qadg
 from .quant import calibrate_activations, prepare_model
 
 __version__ = "0.1.0"
 
-__all__ = ["GETAConfig", "prepare_model", "calibrate_activations", "__version__"]
+__all__ = [
+    "GETAConfig", "prepare_model", "calibrate_activations", "build_qadg", "QADG",
+    "GraphCaptureError", "__version__",
+]

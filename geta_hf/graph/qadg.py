@@ -1,0 +1,417 @@
+"""`QADG`: the pruning search space of a model, derived from its exported graph.
+
+A *unit* is one attention head, one GQA kv-group (a key/value head with its query heads) or one
+MLP channel. The units of one index space form a *family* (usually: the heads of one attention
+layer, the channels of one MLP). Each unit owns slices of parameters:
+
+* group members (role ``"out"``): the producer rows, biases and head-carrying parameters whose
+  zeroing makes the unit's contribution vanish (GETA-METHOD §2.1.4); they are what the optimizer
+  scores, forgets and zeroes;
+* consumers (role ``"in"``): the input columns of the layers that read the unit; they are
+  removed together with the unit when the model is compressed.
+
+Quantizer scalars (``d``, ``q_m``, ``t``) have no channel axis: they stay with their layer and are
+never indexed by unit.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from .capture import GraphCaptureError, capture_graph
+from .propagate import Propagator, contracted_param_dims
+from .spaces import PROD
+
+__all__ = ["Member", "Family", "QADG", "build_qadg"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Member:
+    """The slices of one parameter that belong to the units of a family."""
+
+    param: str
+    dim: int
+    #: ``(num_units, width)`` long tensor: positions along ``dim`` owned by each unit
+    index: torch.Tensor
+    role: str  # "out" (group member) or "in" (consumer columns)
+    size: int  # the parameter's size along ``dim``
+    numel: int  # the parameter's number of elements
+
+    @property
+    def width(self) -> int:
+        return int(self.index.shape[1])
+
+    @property
+    def module(self) -> str:
+        return self.param.rpartition(".")[0]
+
+    @property
+    def params_per_unit(self) -> int:
+        return self.width * (self.numel // self.size)
+
+    @property
+    def contiguous(self) -> bool:
+        """True when unit ``u`` owns positions ``u*width .. (u+1)*width - 1`` of the whole dim."""
+        n = self.index.numel()
+        return n == self.size and bool(torch.equal(self.index.reshape(-1), torch.arange(n)))
+
+
+@dataclass
+class Family:
+    """The units of one index space (e.g. the heads of one attention layer)."""
+
+    name: str
+    kind: str  # "heads", "kv_groups" or "channels"
+    layer: str
+    num_units: int
+    min_units: int
+    members: List[Member]
+    consumers: List[Member] = field(default_factory=list)
+    offset: int = 0  # global id of unit 0
+
+    @property
+    def params(self) -> List[str]:
+        return [m.param for m in self.members + self.consumers]
+
+    @property
+    def params_per_unit(self) -> int:
+        return sum(m.params_per_unit for m in self.members + self.consumers)
+
+    @property
+    def group_params_per_unit(self) -> int:
+        return sum(m.params_per_unit for m in self.members)
+
+
+class QADG:
+    """Quantization-aware dependency graph: the prunable families of a model and their units.
+
+    Built by :func:`build_qadg`. Global unit ids run over the prunable families in order
+    (``family.offset .. family.offset + family.num_units - 1``).
+    """
+
+    def __init__(self, families: List[Family], unprunable: List[Tuple[str, str]],
+                 model_name: str, unknown_ops: List[Tuple[str, str]]) -> None:
+        self._families = list(families)
+        #: (description, reason) of index spaces that were considered and rejected
+        self.unprunable = list(unprunable)
+        self.model_name = model_name
+        self.unknown_ops = list(unknown_ops)
+        self._reindex()
+
+    # ------------------------------------------------------------------ structure
+    def _reindex(self) -> None:
+        off = 0
+        for f in self._families:
+            f.offset = off
+            off += f.num_units
+        self._num_groups = off
+        self._family_of_unit = torch.repeat_interleave(
+            torch.arange(len(self._families)),
+            torch.tensor([f.num_units for f in self._families], dtype=torch.long)
+        ) if self._families else torch.zeros(0, dtype=torch.long)
+
+    @property
+    def families(self) -> List[Family]:
+        return list(self._families)
+
+    @property
+    def num_groups(self) -> int:
+        """Total number of prunable units (heads + kv-groups + channels)."""
+        return self._num_groups
+
+    def family(self, name: str) -> Family:
+        for f in self._families:
+            if f.name == name:
+                return f
+        raise KeyError(f"no prunable family named {name!r}; have {[f.name for f in self._families]}")
+
+    def unit(self, uid: int) -> Tuple[Family, int]:
+        """The family of global unit ``uid`` and the unit's index inside it."""
+        if not 0 <= uid < self._num_groups:
+            raise IndexError(f"unit id {uid} out of range [0, {self._num_groups})")
+        f = self._families[int(self._family_of_unit[uid])]
+        return f, uid - f.offset
+
+    # ------------------------------------------------------------------ tensors
+    @staticmethod
+    def _param_table(model: nn.Module) -> Dict[str, nn.Parameter]:
+        return dict(model.named_parameters())
+
+    @staticmethod
+    def unit_slices(p: torch.Tensor, m: Member) -> torch.Tensor:
+        """``(num_units, -1)`` view/copy of ``p``'s entries owned by each unit of member ``m``."""
+        u = m.index.shape[0]
+        if m.contiguous:
+            return p.movedim(m.dim, 0).reshape(u, -1)
+        idx = m.index.reshape(-1).to(p.device)
+        return p.index_select(m.dim, idx).movedim(m.dim, 0).reshape(u, -1)
+
+    @torch.no_grad()
+    def group_norms(self, model: nn.Module) -> torch.Tensor:
+        """One L2 norm per unit over its group members (1-D tensor of length ``num_groups``)."""
+        params = self._param_table(model)
+        out = []
+        for f in self._families:
+            sq = None
+            for m in f.members:
+                s = self.unit_slices(params[m.param].detach(), m).float().square().sum(1)
+                sq = s if sq is None else sq + s
+            out.append(sq.sqrt())
+        if not out:
+            return torch.zeros(0)
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def zero_groups(self, model: nn.Module, unit_ids: Union[Iterable[int], torch.Tensor]) -> None:
+        """Set every group member slice of the given units to exactly 0 (consumers untouched).
+
+        Refuses (``ValueError``) to leave a family with fewer than ``min_units`` non-zero units.
+        """
+        ids = torch.as_tensor(list(unit_ids) if not isinstance(unit_ids, torch.Tensor) else unit_ids,
+                              dtype=torch.long).reshape(-1).unique()
+        if ids.numel() == 0:
+            return
+        if int(ids.min()) < 0 or int(ids.max()) >= self._num_groups:
+            raise IndexError(f"zero_groups: unit ids must lie in [0, {self._num_groups})")
+        params = self._param_table(model)
+        norms = self.group_norms(model)
+        fam_idx = self._family_of_unit[ids]
+        for fi in fam_idx.unique().tolist():
+            f = self._families[fi]
+            local = ids[fam_idx == fi] - f.offset
+            already = norms[f.offset:f.offset + f.num_units] == 0
+            already[local] = True
+            kept = f.num_units - int(already.sum())
+            if kept < f.min_units:
+                raise ValueError(
+                    f"zero_groups: family {f.name} ({f.num_units} {f.kind}) must keep at least "
+                    f"{f.min_units} unit(s); zeroing {local.tolist()} would leave {kept}")
+            for m in f.members:
+                p = params[m.param]
+                p.index_fill_(m.dim, m.index[local].reshape(-1).to(p.device), 0)
+
+    # ------------------------------------------------------------------ editing
+    def mark_unprunable(self, names: Union[str, Sequence[str]], model: Optional[nn.Module] = None
+                        ) -> List[str]:
+        """Remove the families touching the given modules or parameters from the search space.
+
+        ``names`` are module or parameter names, or glob patterns over them. Every name must
+        match some parameter of the analysed model (``ValueError`` otherwise). Returns the names
+        of the families removed; global unit ids are renumbered.
+        """
+        if isinstance(names, str):
+            names = [names]
+        known = set(self._known_params)
+        if model is not None:
+            known |= {n for n, _ in model.named_parameters()}
+        removed = []
+        for pat in names:
+            hits = [p for p in known if _name_matches(p, pat)]
+            if not hits:
+                example = ", ".join(sorted(known)[:3])
+                raise ValueError(f"mark_unprunable: {pat!r} matches no module or parameter of "
+                                 f"{self.model_name} (names look like: {example}, ...)")
+            for f in list(self._families):
+                if any(_name_matches(p, pat) for p in f.params):
+                    self._families.remove(f)
+                    self.unprunable.append((f.name, f"marked unprunable by {pat!r}"))
+                    removed.append(f.name)
+        self._reindex()
+        return removed
+
+    # ------------------------------------------------------------------ reporting
+    def summary(self) -> str:
+        """A readable table: family, kind, units, minimum kept, parameters per unit."""
+        lines = [f"QADG of {self.model_name}: {len(self._families)} prunable families, "
+                 f"{self._num_groups} units (groups)"]
+        w = max([len(f.name) for f in self._families] + [6])
+        lines.append(f"{'family':<{w}}  {'kind':<9} {'units':>5} {'min':>4} {'group params/unit':>17} "
+                     f"{'removed params/unit':>19}")
+        for f in self._families:
+            lines.append(f"{f.name:<{w}}  {f.kind:<9} {f.num_units:>5} {f.min_units:>4} "
+                         f"{f.group_params_per_unit:>17} {f.params_per_unit:>19}")
+        if self.unknown_ops:
+            ops = sorted({op for op, _ in self.unknown_ops})
+            lines.append(f"ops not analysed (their index spaces are kept): {', '.join(ops[:8])}"
+                         + (" ..." if len(ops) > 8 else ""))
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return f"QADG({self.model_name}, families={len(self._families)}, num_groups={self._num_groups})"
+
+    _known_params: List[str] = []
+    #: seconds spent capturing the graph and analysing it (set by build_qadg)
+    timings: Dict[str, float] = {}
+
+
+def _name_matches(param: str, pattern: str) -> bool:
+    module = param.rpartition(".")[0]
+    return (param == pattern or module == pattern or fnmatch.fnmatchcase(param, pattern)
+            or fnmatch.fnmatchcase(module, pattern) or module.startswith(pattern + "."))
+
+
+def _layer_name(modules: Sequence[str]) -> str:
+    """The module path the units live in; a layer index that differs becomes ``*``.
+
+    ``a.layer.0.attention.self.query`` + ``a.layer.0.attention.output.dense`` ->
+    ``a.layer.0.attention``; a family spanning layers (T5's shared relative-position heads)
+    gives ``decoder.block.*.layer.0.SelfAttention``.
+    """
+    parts = [m.split(".") for m in modules]
+    out = []
+    if len({len(p) for p in parts}) == 1:
+        for xs in zip(*parts):
+            if all(x == xs[0] for x in xs):
+                out.append(xs[0])
+            elif all(x.isdigit() for x in xs):
+                out.append("*")
+            else:
+                break
+        while out and out[-1] == "*":
+            out.pop()
+        return ".".join(out)
+    for xs in zip(*parts):
+        if not all(x == xs[0] for x in xs):
+            break
+        out.append(xs[0])
+    return ".".join(out)
+
+
+def build_qadg(model: nn.Module, example_inputs, cfg=None, *, min_units: Optional[int] = None
+               ) -> QADG:
+    """Derive the pruning search space of ``model`` from its exported graph.
+
+    Args:
+        model: any ``nn.Module`` (typically an HF ``PreTrainedModel``), prepared or not.
+        example_inputs: a dict of keyword inputs, e.g. one collated training batch.
+        cfg: optional :class:`GETAConfig`; its ``min_units_per_family`` and
+            ``unprunable_modules`` apply.
+        min_units: units every family keeps (overrides ``cfg``; default 1).
+
+    Raises:
+        GraphCaptureError: the graph could not be captured, or no prunable family was found
+            (the message names the ops and modules that blocked the analysis).
+    """
+    if min_units is None:
+        min_units = cfg.min_units_per_family if cfg is not None else 1
+    t0 = time.perf_counter()
+    cap = capture_graph(model, example_inputs)
+    t1 = time.perf_counter()
+    prop = Propagator(cap).run()
+    S = prop.S
+    roles = contracted_param_dims(prop.graph, prop.param_nodes, prop.param_shapes)
+    order = {name: i for i, (name, _) in enumerate(model.named_parameters())}
+
+    # 1. candidate unit spaces: major factors of the non-contracted parameter dims
+    candidates: List[int] = []
+    for (name, dim), atom in prop.param_atoms.items():
+        if roles.get((name, dim), False):
+            continue
+        for c in S.unit_candidates(atom):
+            if c not in candidates:
+                candidates.append(c)
+    heads_like, kv_like = set(), set()
+    for r, (kind, kids) in S.split.items():
+        if kind != PROD or len(kids) < 2 or S.find(r) != r:
+            continue
+        first = S.find(kids[0])
+        heads_like.add(first)
+        if any(S.has_tag(k, "expand") for k in kids[1:]):
+            kv_like.add(first)
+
+    rejected: List[Tuple[str, str]] = []
+    contains = {key: S.contains(atom) for key, atom in prop.param_atoms.items()}
+    families: List[Family] = []
+    for c in candidates:
+        c = S.find(c)
+        n = S.size[c]
+        if S.is_pinned(c) or n < 2:
+            continue
+        members, consumers, bad = [], [], None
+        for (name, dim), atom in prop.param_atoms.items():
+            if c not in contains[(name, dim)]:
+                continue
+            lab = S.labels(atom, c)
+            if lab is None:
+                bad = f"{name} dim {dim} maps to the space ambiguously"
+                break
+            counts = torch.bincount(lab[lab >= 0], minlength=n)
+            if counts.numel() != n or not bool((counts == counts[0]).all()) or int(counts[0]) == 0:
+                bad = f"{name} dim {dim} holds the units unevenly"
+                break
+            index = torch.argsort(lab[lab >= 0], stable=True)
+            pos = torch.nonzero(lab >= 0).reshape(-1)[index].reshape(n, -1)
+            shape = prop.param_shapes[name]
+            numel = 1
+            for s in shape:
+                numel *= s
+            m = Member(param=name, dim=dim, index=pos, role="in" if roles.get((name, dim)) else "out",
+                       size=shape[dim], numel=numel)
+            (consumers if m.role == "in" else members).append(m)
+        if bad is None and not members:
+            bad = "no parameter produces it"
+        if bad is not None:
+            rejected.append((f"space of size {n}", bad))
+            continue
+        members.sort(key=lambda m: (order.get(m.param, 1 << 30), m.dim))
+        consumers.sort(key=lambda m: (order.get(m.param, 1 << 30), m.dim))
+        kind = "kv_groups" if c in kv_like else ("heads" if c in heads_like else "channels")
+        layer = _layer_name([m.module for m in members + consumers])
+        families.append(Family(name="", kind=kind, layer=layer, num_units=n,
+                               min_units=min(max(1, min_units), n), members=members,
+                               consumers=consumers))
+    # a parameter dim may hold only one family's units
+    owner: Dict[Tuple[str, int], Family] = {}
+    for f in list(families):
+        clash = [owner[(m.param, m.dim)] for m in f.members + f.consumers if (m.param, m.dim) in owner]
+        if clash:
+            families.remove(f)
+            rejected.append((f.layer, f"nested inside the units of {clash[0].layer}"))
+            continue
+        for m in f.members + f.consumers:
+            owner[(m.param, m.dim)] = f
+    families.sort(key=lambda f: order.get(f.members[0].param, 1 << 30))
+    seen: Dict[str, int] = {}
+    for f in families:
+        base = f"{f.layer or '<model>'}.{f.kind}"
+        seen[base] = seen.get(base, 0) + 1
+        f.name = base if seen[base] == 1 else f"{base}#{seen[base]}"
+    qadg = QADG(families, rejected, type(model).__name__, prop.unknown)
+    qadg._known_params = [n for n, _ in model.named_parameters()]
+    qadg.timings = {"capture_s": t1 - t0, "analysis_s": time.perf_counter() - t1}
+    if cfg is not None and cfg.unprunable_modules:
+        qadg.mark_unprunable(list(cfg.unprunable_modules))
+    if qadg.num_groups == 0:
+        raise GraphCaptureError(_empty_space_message(model, prop, qadg))
+    return qadg
+
+
+def _empty_space_message(model: nn.Module, prop: Propagator, qadg: QADG) -> str:
+    lines = [f"build_qadg: found no prunable attention head or MLP channel in {type(model).__name__}."]
+    if prop.unknown:
+        seen = []
+        for op, mod in prop.unknown:
+            if (op, mod) not in seen:
+                seen.append((op, mod))
+        shown = "; ".join(f"{op} in {mod}" for op, mod in seen[:6])
+        lines.append(f"Ops the analysis does not understand (their index spaces are kept): {shown}.")
+    reasons = []
+    for (name, dim), atom in prop.param_atoms.items():
+        r = prop.S.pin_reason(atom)
+        if r and name.endswith("weight") and r not in reasons:
+            reasons.append(r)
+    if reasons:
+        lines.append("Spaces were kept because: " + "; ".join(reasons[:5]) + ".")
+    lines.append("If a module cannot be analysed, exclude it with GETAConfig(unprunable_modules=[...]) "
+                 "or qadg.mark_unprunable([...]); if nothing in this model is prunable, train it "
+                 "with target_group_sparsity=0 (quantization only).")
+    return " ".join(lines)
