@@ -1,5 +1,6 @@
 """geta-hf: joint structured pruning and mixed-precision QAT (GETA) for Hugging Face Transformers."""
 
+from .compress import CompressionError, compress_model, model_stats, report
 from .config import GETAConfig
 from .graph import QADG, GraphCaptureError, build_qadg
 from .quant import calibrate_activations, prepare_model
@@ -8,5 +9,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "GETAConfig", "prepare_model", "calibrate_activations", "build_qadg", "QADG",
-    "GraphCaptureError", "__version__",
+    "GraphCaptureError", "compress_model", "CompressionError", "model_stats", "report",
+    "__version__",
 ]

@@ -77,6 +77,10 @@ class Family:
     members: List[Member]
     consumers: List[Member] = field(default_factory=list)
     offset: int = 0  # global id of unit 0
+    #: query heads per unit (GQA group size for kv-groups, 1 otherwise)
+    heads_per_unit: int = 1
+    #: size of one head (0 for channel families)
+    head_dim: int = 0
 
     @property
     def params(self) -> List[str]:
@@ -251,6 +255,8 @@ class QADG:
     _known_params: List[str] = []
     #: seconds spent capturing the graph and analysing it (set by build_qadg)
     timings: Dict[str, float] = {}
+    #: the batch the graph was captured with (used to verify compression)
+    example_inputs: Optional[Dict[str, torch.Tensor]] = None
 
 
 def _name_matches(param: str, pattern: str) -> bool:
@@ -319,14 +325,27 @@ def build_qadg(model: nn.Module, example_inputs, cfg=None, *, min_units: Optiona
         for c in S.unit_candidates(atom):
             if c not in candidates:
                 candidates.append(c)
-    heads_like, kv_like = set(), set()
+    # a unit space that is the major factor of a product is a head; if a factor created by
+    # `expand` (repeat_kv / GQA SDPA) follows it, the unit is a kv-group of query heads
+    heads_like: Dict[int, int] = {}  # unit space -> head size
+    kv_like: Dict[int, int] = {}  # unit space -> query heads per kv head
     for r, (kind, kids) in S.split.items():
         if kind != PROD or len(kids) < 2 or S.find(r) != r:
             continue
         first = S.find(kids[0])
-        heads_like.add(first)
-        if any(S.has_tag(k, "expand") for k in kids[1:]):
-            kv_like.add(first)
+        rest = [S.find(k) for k in kids[1:]]
+        expanded = [k for k in rest if S.has_tag(k, "expand")]
+        if expanded and len(expanded) == len(rest):
+            rep = 1
+            for k in expanded:
+                rep *= S.size[k]
+            kv_like[first] = rep
+        else:
+            dh = 1
+            for k in rest:
+                if not S.has_tag(k, "expand"):
+                    dh *= S.size[k]
+            heads_like[first] = max(heads_like.get(first, 0), dh)
 
     rejected: List[Tuple[str, str]] = []
     contains = {key: S.contains(atom) for key, atom in prop.param_atoms.items()}
@@ -368,7 +387,8 @@ def build_qadg(model: nn.Module, example_inputs, cfg=None, *, min_units: Optiona
         layer = _layer_name([m.module for m in members + consumers])
         families.append(Family(name="", kind=kind, layer=layer, num_units=n,
                                min_units=min(max(1, min_units), n), members=members,
-                               consumers=consumers))
+                               consumers=consumers, heads_per_unit=kv_like.get(c, 1),
+                               head_dim=heads_like.get(c, 0)))
     # a parameter dim may hold only one family's units
     owner: Dict[Tuple[str, int], Family] = {}
     for f in list(families):
@@ -388,6 +408,7 @@ def build_qadg(model: nn.Module, example_inputs, cfg=None, *, min_units: Optiona
     qadg = QADG(families, rejected, type(model).__name__, prop.unknown)
     qadg._known_params = [n for n, _ in model.named_parameters()]
     qadg.timings = {"capture_s": t1 - t0, "analysis_s": time.perf_counter() - t1}
+    qadg.example_inputs = dict(example_inputs)
     if cfg is not None and cfg.unprunable_modules:
         qadg.mark_unprunable(list(cfg.unprunable_modules))
     if qadg.num_groups == 0:

@@ -11,10 +11,11 @@ import torch
 from torch import nn
 
 from ..config import GETAConfig
+from .quantizer import GETAQuantizer
 from .layers import QuantConv1D, QuantLayerMixin, QuantLinear, _conv1d_cls, quant_layers
 
 __all__ = ["prepare_model", "calibrate_activations", "quantization_bypassed",
-           "QUANT_SPEC_ATTR"]
+           "input_quantizers_disabled", "QUANT_SPEC_ATTR"]
 
 logger = logging.getLogger(__name__)
 
@@ -148,6 +149,21 @@ def quantization_bypassed(model: nn.Module) -> Iterator[None]:
     finally:
         for m, prev in zip(layers, previous):
             m.quant_bypass = prev
+
+
+@contextlib.contextmanager
+def input_quantizers_disabled(model: nn.Module) -> Iterator[None]:
+    """Within the block every input (activation) quantizer of ``model`` passes values through."""
+    qs = [m for m in model.modules()
+          if isinstance(getattr(m, "act_quantizer", None), GETAQuantizer)]
+    previous = [m.act_quantizer.enabled for m in qs]
+    for m in qs:
+        m.act_quantizer.enabled = False
+    try:
+        yield
+    finally:
+        for m, prev in zip(qs, previous):
+            m.act_quantizer.enabled = prev
 
 
 def _run_model(model: nn.Module, batch) -> None:

@@ -31,8 +31,9 @@ class GETAQuantizer(nn.Module):
             self.t = nn.Parameter(torch.ones((), **kw))
         else:
             self.register_parameter("t", None)
-        #: Python flag (never a tensor, so reading it in forward does not sync the host).
+        #: Python flags (never tensors, so reading them in forward does not sync the host).
         self.calibrated = calibrated
+        self.enabled = True
 
     @property
     def nonlinear(self) -> bool:
@@ -60,7 +61,7 @@ class GETAQuantizer(nn.Module):
         self.d.copy_(d_for_bits(bits, self.q_m, self.t))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.calibrated:
+        if not (self.calibrated and self.enabled):
             return x
         return fake_quantize(x, self.d, self.q_m, self.t)
 

@@ -1,0 +1,241 @@
+"""`compress_model`: physically remove zeroed units and pack quantized weights.
+
+Every unit whose group norm is exactly zero is removed (GETA-METHOD §4.1, with sparsity read
+from the weights, not from optimizer state): its producer rows, biases and head-carrying
+parameters, and its consumers' input columns. Layers may end with different numbers of heads and
+channels. Modules' size attributes are updated so the model runs unchanged, and the per-layer
+architecture is recorded on the model (``model.geta_arch``) so that it can be saved and rebuilt.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import logging
+from collections import defaultdict
+from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+import torch
+from torch import nn
+
+from ..graph.qadg import QADG, Family
+from ..quant.layers import QuantLayerMixin
+from ..quant.prepare import input_quantizers_disabled
+from .packed import PackedQuantLinear, pack_layer
+
+__all__ = ["compress_model", "CompressionError", "ARCH_ATTR", "apply_module_attrs"]
+
+logger = logging.getLogger(__name__)
+
+#: attribute of a compressed model holding its per-layer architecture (JSON-serialisable)
+ARCH_ATTR = "geta_arch"
+
+# Naming conventions for head counts and head-derived sizes on attention modules (and on their
+# own `config`, which some modeling code reads in forward). Only attributes with one of these
+# names AND the old value are changed, and the result is verified by running the model.
+_QUERY_HEAD_NAMES = ("num_heads", "num_attention_heads", "n_heads", "n_head")
+_KV_HEAD_NAMES = ("num_key_value_heads", "num_kv_heads", "n_kv_heads", "n_kv_head")
+_SIZE_NAMES = ("all_head_size", "inner_dim", "split_size", "q_size", "kv_size")
+
+
+class CompressionError(RuntimeError):
+    """The compressed model does not reproduce the zeroed model; the message says where."""
+
+
+def _kept_units(f: Family, norms: torch.Tensor) -> torch.Tensor:
+    keep = torch.nonzero(norms != 0).reshape(-1)
+    floor = max(1, f.min_units)
+    if keep.numel() < floor:  # never remove the last unit(s): keep the lowest-index zero units
+        zero = torch.nonzero(norms == 0).reshape(-1)
+        keep = torch.sort(torch.cat([keep, zero[: floor - keep.numel()]])).values
+        logger.warning("geta_hf: family %s has only %d non-zero unit(s); keeping %d", f.name,
+                       int((norms != 0).sum()), floor)
+    return keep
+
+
+def _owners(model: nn.Module) -> Dict[int, List[Tuple[nn.Module, str]]]:
+    """id(parameter) -> every (module, attribute) that holds it (tied weights included)."""
+    out: Dict[int, List[Tuple[nn.Module, str]]] = defaultdict(list)
+    for _, mod in model.named_modules(remove_duplicate=False):
+        for leaf, p in mod.named_parameters(recurse=False):
+            if (mod, leaf) not in out[id(p)]:
+                out[id(p)].append((mod, leaf))
+    return out
+
+
+def _sync_shape_attrs(mod: nn.Module) -> None:
+    w = getattr(mod, "weight", None)
+    if isinstance(mod, nn.Linear) and isinstance(w, torch.Tensor):
+        mod.out_features, mod.in_features = int(w.shape[0]), int(w.shape[1])
+    elif isinstance(mod, nn.Embedding):
+        mod.num_embeddings, mod.embedding_dim = int(w.shape[0]), int(w.shape[1])
+    elif hasattr(mod, "nf") and hasattr(mod, "nx") and isinstance(w, torch.Tensor) and w.dim() == 2:
+        mod.nx, mod.nf = int(w.shape[0]), int(w.shape[1])  # GPT-2 Conv1D: (in, out)
+
+
+def _attention_modules(model: nn.Module, f: Family) -> List[Tuple[str, nn.Module]]:
+    """The modules of the family's layer(s) and everything inside them."""
+    pattern = f.layer
+    out = []
+    for n, m in model.named_modules():
+        if fnmatch.fnmatchcase(n, pattern) or fnmatch.fnmatchcase(n, pattern + ".*"):
+            out.append((n, m))
+    return out
+
+
+def _head_updates(f: Family, kept: int) -> Dict[int, int]:
+    """old value -> new value for head counts and head-derived sizes of family ``f``."""
+    rep, dh = max(1, f.heads_per_unit), max(1, f.head_dim)
+    up: Dict[str, Dict[int, int]] = {"query": {}, "kv": {}, "size": {}}
+    n, k = f.num_units, kept
+    if f.kind == "kv_groups":
+        up["query"][n * rep] = k * rep
+        up["kv"][n] = k
+        up["size"][n * rep * dh] = k * rep * dh
+        up["size"][n * dh] = k * dh
+    else:
+        up["query"][n] = k
+        up["kv"][n] = k
+        up["size"][n * dh] = k * dh
+    return up
+
+
+def _update_attrs(obj: Any, updates: Dict[str, Dict[int, int]], changed: Dict[str, int]) -> None:
+    for kind, names in (("query", _QUERY_HEAD_NAMES), ("kv", _KV_HEAD_NAMES), ("size", _SIZE_NAMES)):
+        for name in names:
+            v = getattr(obj, name, None)
+            if isinstance(v, int) and not isinstance(v, bool) and v in updates[kind]:
+                setattr(obj, name, updates[kind][v])
+                changed[name] = updates[kind][v]
+
+
+def apply_module_attrs(model: nn.Module, module_attrs: Mapping[str, Mapping[str, Any]]) -> None:
+    """Re-apply recorded attribute changes (``{module: {attr or "config.attr": value}}``)."""
+    for mname, attrs in module_attrs.items():
+        mod = model.get_submodule(mname)
+        for key, value in attrs.items():
+            if key.startswith("config."):
+                if not getattr(mod, "_geta_own_config", False):
+                    mod.config = copy.copy(mod.config)
+                    mod._geta_own_config = True
+                setattr(mod.config, key[len("config."):], value)
+            else:
+                setattr(mod, key, value)
+
+
+def _outputs(model: nn.Module, inputs: Mapping[str, Any]) -> List[torch.Tensor]:
+    # Input quantizers are off for the comparison: removing zero columns changes the float
+    # summation order of the matmuls, and an activation sitting on a rounding boundary may then
+    # round to the neighbouring level -- a genuine but uninformative difference.
+    with torch.no_grad(), input_quantizers_disabled(model):
+        out = model(**inputs)
+    if torch.is_tensor(out):
+        return [out]
+    vals = out.values() if hasattr(out, "values") else out
+    return [v for v in vals if torch.is_tensor(v)]
+
+
+@torch.no_grad()
+def compress_model(model: nn.Module, qadg: QADG, *, pack: bool = True,
+                   example_inputs: Optional[Mapping[str, Any]] = None, verify: bool = True,
+                   atol: float = 1e-4) -> nn.Module:
+    """Physically remove every unit whose group norm is exactly zero (in place; returns ``model``).
+
+    Producer rows, biases and head-carrying parameters and the consumers' input columns are
+    sliced; linear/embedding size attributes and attention head counts are updated (including a
+    per-layer copy of ``config`` where the modeling code reads head counts from it); quantized
+    layers become :class:`PackedQuantLinear` with integer codes when ``pack`` is True. The
+    per-layer architecture is recorded in ``model.geta_arch``.
+
+    With ``verify`` (default) the model is run on ``example_inputs`` (default: the batch the QADG
+    was built from) before and after, and :class:`CompressionError` is raised if any output moves
+    by more than ``atol`` times ``max(1, max |output|)``. Input (activation) quantizers are switched off for this comparison:
+    the matmuls sum fewer terms after compression, and an activation that sits exactly on a
+    rounding boundary may round to the neighbouring level, which is not a compression error.
+    """
+    if getattr(model, ARCH_ATTR, None) is not None and getattr(model, ARCH_ATTR).get("compressed"):
+        raise ValueError("compress_model: this model is already compressed")
+    params = dict(model.named_parameters())
+    missing = [p for f in qadg.families for p in f.params if p not in params]
+    if missing:
+        raise ValueError(f"compress_model: the QADG does not belong to this model (no parameter "
+                         f"{missing[0]!r}); build it with geta_hf.build_qadg(model, inputs)")
+    inputs = example_inputs if example_inputs is not None else qadg.example_inputs
+    was_training = model.training
+    model.eval()
+    reference = _outputs(model, inputs) if (verify and inputs is not None) else None
+    norms = qadg.group_norms(model)
+    slices: Dict[str, List[Tuple[int, torch.Tensor]]] = defaultdict(list)
+    families: Dict[str, Any] = {}
+    module_attrs: Dict[str, Dict[str, Any]] = defaultdict(dict)
+    for f in qadg.families:
+        keep = _kept_units(f, norms[f.offset:f.offset + f.num_units])
+        families[f.name] = {"kind": f.kind, "layer": f.layer, "units": f.num_units,
+                            "kept": keep.tolist()}
+        if keep.numel() == f.num_units:
+            continue
+        for m in f.members + f.consumers:
+            pos = torch.sort(m.index[keep].reshape(-1)).values
+            slices[m.param].append((m.dim, pos))
+        if f.kind in ("heads", "kv_groups"):
+            updates = _head_updates(f, int(keep.numel()))
+            for mname, mod in _attention_modules(model, f):
+                changed: Dict[str, int] = {}
+                _update_attrs(mod, updates, changed)
+                module_attrs[mname].update(changed)
+                cfg = getattr(mod, "config", None)
+                if cfg is not None and hasattr(cfg, "to_dict"):
+                    if not getattr(mod, "_geta_own_config", False):
+                        mod.config = copy.copy(cfg)
+                        mod._geta_own_config = True
+                    changed = {}
+                    _update_attrs(mod.config, updates, changed)
+                    module_attrs[mname].update({f"config.{k}": v for k, v in changed.items()})
+    owners = _owners(model)
+    touched = set()
+    for name, cuts in slices.items():
+        p = params[name]
+        new = p.detach()
+        for dim, pos in cuts:
+            new = new.index_select(dim, pos.to(new.device))
+        newp = nn.Parameter(new.contiguous(), requires_grad=p.requires_grad)
+        for mod, leaf in owners[id(p)]:
+            setattr(mod, leaf, newp)
+            touched.add(mod)
+    for mod in touched:
+        _sync_shape_attrs(mod)
+    packed_layers = {}
+    if pack:
+        for name, mod in list(model.named_modules()):
+            if isinstance(mod, QuantLayerMixin):
+                new = pack_layer(mod)
+                parent, _, leaf = name.rpartition(".")
+                setattr(model.get_submodule(parent) if parent else model, leaf, new)
+                packed_layers[name] = new.weight_bits
+    arch = {
+        "compressed": True,
+        "families": families,
+        "param_shapes": {n: list(p.shape) for n, p in model.named_parameters()},
+        "module_attrs": {k: v for k, v in module_attrs.items() if v},
+        "packed_layers": packed_layers,
+    }
+    setattr(model, ARCH_ATTR, arch)
+    if reference is not None:
+        try:
+            after = _outputs(model, inputs)
+        except Exception as e:
+            raise CompressionError(
+                f"compress_model: the compressed {type(model).__name__} no longer runs "
+                f"({type(e).__name__}: {e}). Its forward probably reads a size attribute geta-hf "
+                "did not update; mark that module unprunable (qadg.mark_unprunable)") from e
+        for i, (a, b) in enumerate(zip(reference, after)):
+            # tolerance relative to the output's scale (large logits carry larger float noise)
+            tol = atol * max(1.0, float(a.float().abs().max())) if a.numel() else atol
+            if a.shape != b.shape or (a.float() - b.float()).abs().max() > tol:
+                diff = "shape " + str(tuple(b.shape)) if a.shape != b.shape else \
+                    f"max |diff| {(a.float() - b.float()).abs().max().item():.3g}"
+                raise CompressionError(
+                    f"compress_model: output {i} of the compressed {type(model).__name__} differs "
+                    f"from the zeroed model ({diff} > {tol:.3g})")
+    model.train(was_training)
+    return model
