@@ -1,8 +1,9 @@
 """geta-hf: joint structured pruning and mixed-precision QAT (GETA) for Hugging Face Transformers."""
 
-from .compress import CompressionError, compress_model, model_stats, report
+from .compress import CompressionError, model_stats, report
 from .config import GETAConfig
 from .graph import QADG, GraphCaptureError, build_qadg
+from .hf import CheckpointError, compress_model, save_compressed
 from .quant import calibrate_activations, prepare_model
 
 __version__ = "0.1.0"
@@ -10,5 +11,6 @@ __version__ = "0.1.0"
 __all__ = [
     "GETAConfig", "prepare_model", "calibrate_activations", "build_qadg", "QADG",
     "GraphCaptureError", "compress_model", "CompressionError", "model_stats", "report",
+    "save_compressed", "CheckpointError",
     "__version__",
 ]

@@ -74,10 +74,11 @@ def _check(model, make, quantize, acts=True):
     for name, mod in model.named_modules():
         if isinstance(mod, PackedQuantLinear):
             w = name + ".weight"
-            exp = expected[w] if not hasattr(mod, "nf") else expected[w]
-            actual[w] = list(mod.weight_codes.shape)
-            if list(mod.weight_codes.shape) != exp:  # Conv1D weights are stored transposed
-                actual[w] = list(mod.weight_codes.shape)[::-1]
+            actual[w] = [mod.out_features, mod.in_features]
+            if actual[w] != expected[w]:  # Conv1D weights are stored transposed
+                actual[w] = actual[w][::-1]
+            assert mod.weight_packed.numel() == (mod.out_features * mod.in_features
+                                                 * mod.weight_bits + 7) // 8
     for n, shape in expected.items():
         if "quantizer" in n:
             continue
@@ -96,7 +97,7 @@ def test_compressed_model_equals_zeroed_model(name, quantize):
     _check(model, make, quantize)
     if quantize:
         packed = [m for m in model.modules() if isinstance(m, PackedQuantLinear)]
-        assert packed and all(m.weight_codes.dtype in (torch.int8, torch.int16) for m in packed)
+        assert packed and all(4 <= m.weight_bits <= 8 for m in packed)
         assert not quant_layers(model)
 
 
@@ -142,14 +143,31 @@ def test_packed_weights_equal_fake_quantized_weights_exactly():
                 q.weight_quantizer.set_bits(5)
         p = pack_layer(q)
         assert torch.equal(p.dequantized_weight(), q.quantized_weight().detach())
-        assert p.weight_bits == 5 and p.weight_codes.dtype == torch.int8
-        assert int(p.weight_codes.abs().max()) <= 2 ** 4 - 1
+        assert p.weight_bits == 5 and p.weight_packed.numel() == (16 * 12 * 5 + 7) // 8
+        assert int(p.codes().abs().max()) <= 2 ** 4 - 1
         x = torch.randn(3, 16)
         assert torch.equal(p(x), q(x).detach())
         p.eval()
         assert torch.equal(p(x), q(x).detach())  # cached dequantized weight
     q.weight_quantizer.set_bits(12)
-    assert pack_layer(q).weight_codes.dtype == torch.int16
+    assert pack_layer(q).weight_bits == 12
+
+
+@pytest.mark.parametrize("bits", list(range(2, 17)))
+def test_bit_packing_round_trip(bits):
+    from geta_hf.compress.bitpack import pack_codes, packed_nbytes, unpack_codes
+
+    g = torch.Generator().manual_seed(bits)
+    half = 2 ** (bits - 1) - 1
+    for n in (0, 1, 7, 8, 9, 1000, (1 << 20) + 13):
+        codes = torch.randint(-half, half + 1, (n,), generator=g)
+        packed = pack_codes(codes, bits)
+        assert packed.dtype == torch.uint8 and packed.numel() == packed_nbytes(n, bits)
+        assert torch.equal(unpack_codes(packed, bits, n).long(), codes)
+    with pytest.raises(ValueError, match="exceeds"):
+        pack_codes(torch.tensor([half + 1]), bits)
+    with pytest.raises(ValueError, match="cannot hold"):
+        unpack_codes(torch.zeros(3, dtype=torch.uint8), bits, 1000)
 
 
 def test_compress_refuses_twice_and_foreign_qadg():

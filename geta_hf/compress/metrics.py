@@ -102,7 +102,7 @@ def _quantized_weights(model: nn.Module) -> Dict[int, int]:
     out = {}
     for mod in model.modules():
         if isinstance(mod, PackedQuantLinear):
-            out[id(mod.weight_codes)] = int(mod.weight_bits)
+            out[id(mod.weight_packed)] = int(mod.weight_bits)
         elif isinstance(mod, QuantLayerMixin):
             out[id(mod.weight)] = int(round(float(mod.weight_quantizer.bits())))
     return out
@@ -174,7 +174,7 @@ def _stats(model: nn.Module, inputs: Mapping[str, Any]) -> Dict[str, Any]:
         if mod is not None:
             own = sum(p.numel() for p in mod.parameters(recurse=False))
             if isinstance(mod, PackedQuantLinear):
-                own += mod.weight_codes.numel()
+                own += mod.in_features * mod.out_features
         bops = macs * bits["weight"] * bits["act"]
         layers.append({"name": name, "kind": "attention" if "linear" not in kinds else "linear",
                        "weight_bits": bits["weight"], "act_bits": bits["act"], "params": own,
@@ -183,8 +183,7 @@ def _stats(model: nn.Module, inputs: Mapping[str, Any]) -> Dict[str, Any]:
         total_bops += bops
     params = size_bits = 0
     seen = set()
-    for p in list(model.parameters()) + [m.weight_codes for m in model.modules()
-                                         if isinstance(m, PackedQuantLinear)]:
+    for p in model.parameters():
         if id(p) in seen:
             continue
         seen.add(id(p))
@@ -194,6 +193,11 @@ def _stats(model: nn.Module, inputs: Mapping[str, Any]) -> Dict[str, Any]:
         if bits is None:
             bits = torch.finfo(p.dtype).bits if p.is_floating_point() else torch.iinfo(p.dtype).bits
         size_bits += n * bits
+    for m in model.modules():  # packed weights: out x in codes at their bit width
+        if isinstance(m, PackedQuantLinear):
+            n = m.in_features * m.out_features
+            params += n
+            size_bits += n * m.weight_bits
     order = {n: i for i, (n, _) in enumerate(model.named_modules())}
     layers.sort(key=lambda r: order.get(r["name"], -1))
     qlayers = [r for r in layers if r["kind"] == "linear"]

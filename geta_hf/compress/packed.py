@@ -1,8 +1,10 @@
-"""`PackedQuantLinear`: a compressed layer holding integer weight codes and one float scale.
+"""`PackedQuantLinear`: a compressed layer holding bit-packed integer weight codes and a scale.
 
 The dequantized weight ``codes * scale`` equals the fake-quantized weight ``Q(W)`` of the
 `QuantLinear`/`QuantConv1D` it was packed from, bit for bit (GETA-METHOD §1.1: ``Q(W) = sign(W) d
-round(u/d)`` and the code is ``sign(W) round(u/d)``). The input quantizer, if any, is kept.
+round(u/d)``, and the code is ``sign(W) round(u/d)``). Codes are stored densely at the layer's
+bit width (``ceil(out * in * bits / 8)`` bytes, see `bitpack.py`); the input quantizer, if any, is
+kept and keeps quantizing the layer input.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ from torch import nn
 from ..quant.functional import EPS, T_MIN
 from ..quant.layers import QuantLayerMixin
 from ..quant.quantizer import GETAQuantizer
+from .bitpack import pack_codes, packed_nbytes, unpack_codes
 
-__all__ = ["PackedQuantLinear", "pack_layer", "codes_dtype", "bits_for_codes"]
+__all__ = ["PackedQuantLinear", "pack_layer", "bits_for_codes"]
 
 
 def bits_for_codes(max_abs_code: int) -> int:
@@ -26,17 +29,14 @@ def bits_for_codes(max_abs_code: int) -> int:
     return max(2, int(math.ceil(math.log2(max_abs_code + 1))) + 1)
 
 
-def codes_dtype(bits: int) -> torch.dtype:
-    return torch.int8 if bits <= 8 else torch.int16
-
-
 class PackedQuantLinear(nn.Module):
-    """Inference/fine-tuning layer of a compressed model: ``y = x_q (codes * scale)^T + b``.
+    """Layer of a compressed model: ``y = x_q @ (codes * scale)^T + b``.
 
-    Buffers: ``weight_codes`` (int8 up to 8 bits, int16 above; shape ``(out, in)``),
-    ``weight_scale`` (0-dim, the step ``d``), ``weight_clip`` and ``weight_exponent`` (the
-    learned ``q_m`` and ``t``, kept so the layer can be turned back into a trainable
-    `QuantLinear`). ``weight_bits`` is the storage width of the codes.
+    Persistent buffers: ``weight_packed`` (1-D uint8, the ``(out, in)`` codes packed at
+    ``weight_bits`` bits each), ``weight_scale`` (0-dim, the step ``d``), ``weight_clip`` and
+    ``weight_exponent`` (the learned ``q_m`` and ``t``, kept so the layer can become a trainable
+    `QuantLinear` again), and an empty ``weight`` guard (see ``__init__``). The weight values are
+    ``dequantized_weight()``; in eval mode they are computed once and cached.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
@@ -45,25 +45,40 @@ class PackedQuantLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = int(in_features), int(out_features)
         self.weight_bits = int(weight_bits)
-        self.register_buffer("weight_codes", torch.zeros(out_features, in_features,
-                                                         dtype=codes_dtype(weight_bits), device=device))
+        nbytes = packed_nbytes(self.in_features * self.out_features, self.weight_bits)
+        self.register_buffer("weight_packed", torch.zeros(nbytes, dtype=torch.uint8, device=device))
         self.register_buffer("weight_scale", torch.ones((), dtype=torch.float32, device=device))
         self.register_buffer("weight_clip", torch.ones((), dtype=torch.float32, device=device))
         self.register_buffer("weight_exponent", torch.ones((), dtype=torch.float32, device=device))
+        # An empty tensor under the dense layer's name: loading the checkpoint into a plain dense
+        # model (geta_hf not imported) then fails on a shape mismatch instead of silently
+        # re-initialising the weight. Its dtype is the compute dtype (some modeling code, e.g.
+        # T5, casts activations to `layer.weight.dtype`). Use `dequantized_weight()` for values.
+        self.register_buffer("weight", torch.zeros(0, dtype=dtype, device=device))
         self.nonlinear = bool(nonlinear)
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
         self.act_quantizer = act_quantizer
         self.compute_dtype = dtype
         self._cache: Optional[torch.Tensor] = None
 
+    # ------------------------------------------------------------------ weights
+    def codes(self) -> torch.Tensor:
+        """The integer codes as an ``(out, in)`` int16 tensor."""
+        n = self.in_features * self.out_features
+        return unpack_codes(self.weight_packed, self.weight_bits, n).view(
+            self.out_features, self.in_features)
+
+    @torch.no_grad()
+    def set_codes(self, codes: torch.Tensor) -> None:
+        if tuple(codes.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"set_codes: expected shape {(self.out_features, self.in_features)}, "
+                             f"got {tuple(codes.shape)}")
+        self.weight_packed = pack_codes(codes, self.weight_bits).to(self.weight_packed.device)
+        self._cache = None
+
     def dequantized_weight(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         dtype = dtype or self.compute_dtype
-        return self.weight_codes.to(dtype) * self.weight_scale.to(dtype)
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The dequantized weight (read-only; computed from the codes)."""
-        return self.dequantized_weight()
+        return self.codes().to(dtype) * self.weight_scale.to(dtype)
 
     def train(self, mode: bool = True):
         self._cache = None
@@ -73,6 +88,10 @@ class PackedQuantLinear(nn.Module):
         self._cache = None
         return super()._load_from_state_dict(*args, **kwargs)
 
+    def _apply(self, fn, *args, **kwargs):
+        self._cache = None
+        return super()._apply(fn, *args, **kwargs)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.act_quantizer is not None:
             x = self.act_quantizer(x)
@@ -80,7 +99,7 @@ class PackedQuantLinear(nn.Module):
             w = self.dequantized_weight(x.dtype)
         else:  # inference: dequantize once and reuse
             if self._cache is None or self._cache.dtype != x.dtype or self._cache.device != x.device:
-                self._cache = self.dequantized_weight(x.dtype)
+                self._cache = self.dequantized_weight(x.dtype).to(x.device)
             w = self._cache
         return F.linear(x, w, self.bias)
 
@@ -98,9 +117,9 @@ def pack_layer(layer: nn.Module) -> PackedQuantLinear:
     w = layer.weight.detach()
     if layer.weight_out_dim == 1:  # Conv1D stores (in, out)
         w = w.t()
-    wq = q(w.float()) if w.dtype != torch.float32 else q(w)
+    wq = q(w.float())
     d = q.d.detach().clamp_min(EPS).float()
-    codes = torch.round(wq.float() / d)
+    codes = torch.round(wq / d)
     max_code = int(codes.abs().max().item()) if codes.numel() else 0
     bits = bits_for_codes(max_code)
     if bits > 16:
@@ -110,7 +129,7 @@ def pack_layer(layer: nn.Module) -> PackedQuantLinear:
     packed = PackedQuantLinear(in_f, out_f, bias=layer.bias is not None, weight_bits=bits,
                                act_quantizer=layer.act_quantizer, nonlinear=q.t is not None,
                                dtype=layer.weight.dtype, device=layer.weight.device)
-    packed.weight_codes.copy_(codes.to(packed.weight_codes.dtype))
+    packed.set_codes(codes)
     packed.weight_scale.copy_(d)
     packed.weight_clip.copy_(q.q_m.detach().abs().float())
     if q.t is not None:

@@ -1,1 +1,11 @@
-"""(placeholder docstring)"""
+"""Hugging Face integration: the registered ``geta`` quantization method and checkpoint I/O."""
+
+from .quantizer import (CheckpointError, GETAHfQuantizer, GETAQuantizationConfig,
+                        quantization_config_from_model, register)
+from .serialization import attach_quantization_config, compress_model, model_card, save_compressed
+
+register()
+
+__all__ = ["GETAQuantizationConfig", "GETAHfQuantizer", "CheckpointError", "register",
+           "save_compressed", "compress_model", "attach_quantization_config", "model_card",
+           "quantization_config_from_model"]

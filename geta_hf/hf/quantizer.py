@@ -1,0 +1,324 @@
+"""The ``geta`` quantization method of transformers: config, HfQuantizer, registration.
+
+A compressed checkpoint's ``config.json`` carries ``quantization_config = {"quant_method":
+"geta", "format_version": 1, "layers": {...}, "architecture": {...}, ...}``: per quantized layer
+its shape, weight bits, scale/clip/exponent and input quantizer; and the pruned architecture
+(units kept per family, every resized parameter's shape, changed module attributes). With
+``geta_hf`` imported, plain ``AutoModel*.from_pretrained(dir)`` builds the dense skeleton on the
+meta device, `GETAHfQuantizer` resizes and replaces its modules before the weights are loaded,
+and the exact compressed model comes back.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from typing import Any, Dict, Mapping, Optional
+
+import torch
+from torch import nn
+from transformers.quantizers import HfQuantizer
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from ..compress.packed import PackedQuantLinear
+from ..compress.subnet import ARCH_ATTR, apply_module_attrs
+from ..quant.quantizer import GETAQuantizer
+
+__all__ = ["GETAQuantizationConfig", "GETAHfQuantizer", "FORMAT_VERSION", "register",
+           "quantization_config_from_model", "CheckpointError"]
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+QUANT_METHOD = "geta"
+_TOP_KEYS = {"quant_method", "format_version", "layers", "architecture", "geta_config",
+             "base_model"}
+_LAYER_KEYS = {"in_features", "out_features", "bias", "weight_bits", "weight_scale",
+               "weight_clip", "weight_exponent", "nonlinear", "act"}
+_ACT_KEYS = {"bits", "d", "q_m", "t"}
+_ARCH_KEYS = {"families", "param_shapes", "module_attrs"}
+
+
+class CheckpointError(ValueError):
+    """A compressed checkpoint is malformed or inconsistent; the message names the field."""
+
+
+class GETAQuantizationConfig(QuantizationConfigMixin):
+    """``quantization_config`` of a GETA-compressed model (strictly validated)."""
+
+    def __init__(self, format_version: int = FORMAT_VERSION, layers: Optional[dict] = None,
+                 architecture: Optional[dict] = None, geta_config: Optional[dict] = None,
+                 base_model: Optional[str] = None, quant_method: str = QUANT_METHOD,
+                 **unknown: Any) -> None:
+        if unknown:
+            raise CheckpointError(f"quantization_config: unknown field(s) {sorted(unknown)}; "
+                                  f"allowed: {sorted(_TOP_KEYS)}")
+        if quant_method != QUANT_METHOD:
+            raise CheckpointError(f"quantization_config.quant_method: got {quant_method!r}; "
+                                  f"allowed: {QUANT_METHOD!r}")
+        self.quant_method = QUANT_METHOD
+        self.format_version = format_version
+        self.layers = layers if layers is not None else {}
+        self.architecture = architecture if architecture is not None else {}
+        self.geta_config = geta_config
+        self.base_model = base_model
+        self.validate()
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        if self.format_version != FORMAT_VERSION:
+            raise CheckpointError(
+                f"quantization_config.format_version: got {self.format_version!r}; this geta-hf "
+                f"reads version {FORMAT_VERSION} (upgrade geta-hf to load newer checkpoints)")
+        if not isinstance(self.layers, dict):
+            raise CheckpointError("quantization_config.layers: expected a dict {module name: {...}}")
+        for name, spec in self.layers.items():
+            _check_layer(name, spec)
+        arch = self.architecture
+        if not isinstance(arch, dict) or set(arch) - _ARCH_KEYS:
+            raise CheckpointError("quantization_config.architecture: expected a dict with keys "
+                                  f"{sorted(_ARCH_KEYS)}, got {sorted(arch) if isinstance(arch, dict) else arch!r}")
+        for pname, shape in arch.get("param_shapes", {}).items():
+            if not isinstance(shape, list) or not all(_is_int(s) and s >= 0 for s in shape):
+                raise CheckpointError(f"quantization_config.architecture.param_shapes[{pname!r}]: "
+                                      f"got {shape!r}; allowed: a list of non-negative integers")
+        for mname, attrs in arch.get("module_attrs", {}).items():
+            if not isinstance(attrs, dict):
+                raise CheckpointError(f"quantization_config.architecture.module_attrs[{mname!r}]: "
+                                      "expected a dict of attribute values")
+        for fname, fam in arch.get("families", {}).items():
+            if not isinstance(fam, dict) or not isinstance(fam.get("kept"), list) or \
+                    not _is_int(fam.get("units")) or \
+                    not all(_is_int(u) and 0 <= u < fam["units"] for u in fam["kept"]):
+                raise CheckpointError(f"quantization_config.architecture.families[{fname!r}]: "
+                                      "expected {kind, layer, units, kept: [unit ids < units]}")
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"quant_method": self.quant_method, "format_version": self.format_version,
+                "layers": copy.deepcopy(self.layers), "architecture": copy.deepcopy(self.architecture),
+                "geta_config": copy.deepcopy(self.geta_config), "base_model": self.base_model}
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_pos(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
+
+def _check_layer(name: str, spec: Any) -> None:
+    where = f"quantization_config.layers[{name!r}]"
+    if not isinstance(spec, dict):
+        raise CheckpointError(f"{where}: expected a dict")
+    extra, missing = set(spec) - _LAYER_KEYS, _LAYER_KEYS - set(spec)
+    if extra or missing:
+        raise CheckpointError(f"{where}: unknown {sorted(extra)} / missing {sorted(missing)} fields")
+    for k in ("in_features", "out_features"):
+        if not _is_int(spec[k]) or spec[k] < 1:
+            raise CheckpointError(f"{where}.{k}: got {spec[k]!r}; allowed: an integer >= 1")
+    if not _is_int(spec["weight_bits"]) or not 2 <= spec["weight_bits"] <= 16:
+        raise CheckpointError(f"{where}.weight_bits: got {spec['weight_bits']!r}; allowed: 2..16")
+    for k in ("weight_scale", "weight_clip", "weight_exponent"):
+        if not _is_pos(spec[k]):
+            raise CheckpointError(f"{where}.{k}: got {spec[k]!r}; allowed: a finite number > 0")
+    act = spec["act"]
+    if act is not None:
+        if not isinstance(act, dict) or set(act) != _ACT_KEYS:
+            raise CheckpointError(f"{where}.act: expected null or a dict with keys {sorted(_ACT_KEYS)}")
+        if not _is_int(act["bits"]) or not 2 <= act["bits"] <= 16:
+            raise CheckpointError(f"{where}.act.bits: got {act['bits']!r}; allowed: 2..16")
+        for k in ("d", "q_m"):
+            if not _is_pos(act[k]):
+                raise CheckpointError(f"{where}.act.{k}: got {act[k]!r}; allowed: a finite number > 0")
+
+
+# ---------------------------------------------------------------------------- model -> config
+def quantization_config_from_model(model: nn.Module, geta_config: Optional[dict] = None,
+                                   base_model: Optional[str] = None) -> GETAQuantizationConfig:
+    """Describe a compressed model (see :func:`geta_hf.compress_model`) as a quantization config."""
+    arch = getattr(model, ARCH_ATTR, None)
+    if not arch or not arch.get("compressed"):
+        raise ValueError("the model is not compressed: call geta_hf.compress_model(model, qadg) first")
+    layers = {}
+    for name, m in model.named_modules():
+        if not isinstance(m, PackedQuantLinear):
+            continue
+        act = None
+        aq = m.act_quantizer
+        if aq is not None and aq.calibrated:
+            act = {"bits": int(round(float(aq.bits()))), "d": float(aq.d.detach()),
+                   "q_m": float(aq.q_m.detach().abs()),
+                   "t": None if aq.t is None else float(aq.t.detach())}
+        layers[name] = {
+            "in_features": m.in_features, "out_features": m.out_features,
+            "bias": m.bias is not None, "weight_bits": m.weight_bits,
+            "weight_scale": float(m.weight_scale), "weight_clip": float(m.weight_clip),
+            "weight_exponent": float(m.weight_exponent), "nonlinear": m.nonlinear, "act": act,
+        }
+    old = getattr(getattr(model, "config", None), "quantization_config", None)
+    if isinstance(old, GETAQuantizationConfig):
+        geta_config = geta_config if geta_config is not None else old.geta_config
+        base_model = base_model if base_model is not None else old.base_model
+    return GETAQuantizationConfig(
+        layers=layers,
+        architecture={"families": arch.get("families", {}), "param_shapes": arch.get("param_shapes", {}),
+                      "module_attrs": arch.get("module_attrs", {})},
+        geta_config=geta_config, base_model=base_model)
+
+
+# ---------------------------------------------------------------------------- skeleton surgery
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, new)
+
+
+def _resize_parameters(model: nn.Module, shapes: Mapping[str, list]) -> None:
+    owners: Dict[int, list] = {}
+    for _, mod in model.named_modules(remove_duplicate=False):
+        for leaf, p in mod.named_parameters(recurse=False):
+            owners.setdefault(id(p), []).append((mod, leaf))
+    params = dict(model.named_parameters())
+    for name, shape in shapes.items():
+        p = params.get(name)
+        if p is None:
+            continue  # a quantized layer's weight: replaced by PackedQuantLinear below
+        if list(p.shape) == list(shape):
+            continue
+        if len(shape) != p.dim():
+            raise CheckpointError(f"quantization_config.architecture.param_shapes[{name!r}]: "
+                                  f"{shape} does not match the parameter's rank ({p.dim()})")
+        new = nn.Parameter(torch.empty(shape, dtype=p.dtype, device=p.device),
+                           requires_grad=p.requires_grad)
+        for mod, leaf in owners[id(p)]:
+            setattr(mod, leaf, new)
+            w = getattr(mod, "weight", None)
+            if isinstance(mod, nn.Linear):
+                mod.out_features, mod.in_features = int(w.shape[0]), int(w.shape[1])
+            elif isinstance(mod, nn.Embedding):
+                mod.num_embeddings, mod.embedding_dim = int(w.shape[0]), int(w.shape[1])
+            elif hasattr(mod, "nf") and hasattr(mod, "nx") and w is not None and w.dim() == 2:
+                mod.nx, mod.nf = int(w.shape[0]), int(w.shape[1])
+
+
+def _packed_skeleton(spec: Mapping[str, Any], dtype, device) -> PackedQuantLinear:
+    act = None
+    if spec["act"] is not None:
+        act = GETAQuantizer(nonlinear=spec["act"]["t"] is not None, device=device)
+    layer = PackedQuantLinear(spec["in_features"], spec["out_features"], bias=spec["bias"],
+                              weight_bits=spec["weight_bits"], act_quantizer=act,
+                              nonlinear=spec["nonlinear"], dtype=dtype, device=device)
+    return layer
+
+
+def build_compressed_skeleton(model: nn.Module, qcfg: GETAQuantizationConfig) -> nn.Module:
+    """Resize and replace ``model``'s modules (usually on the meta device) per ``qcfg``."""
+    arch = qcfg.architecture
+    _resize_parameters(model, arch.get("param_shapes", {}))
+    try:
+        apply_module_attrs(model, arch.get("module_attrs", {}))
+    except AttributeError as e:
+        raise CheckpointError(f"quantization_config.architecture.module_attrs: {e}") from e
+    mods = dict(model.named_modules())
+    for name, spec in qcfg.layers.items():
+        old = mods.get(name)
+        if old is None:
+            raise CheckpointError(f"quantization_config.layers: {type(model).__name__} has no module "
+                                  f"{name!r}")
+        w = getattr(old, "weight", None)
+        device = w.device if isinstance(w, torch.Tensor) else torch.device("cpu")
+        dtype = w.dtype if isinstance(w, torch.Tensor) and w.is_floating_point() else torch.float32
+        _set_module(model, name, _packed_skeleton(spec, dtype, device))
+    setattr(model, ARCH_ATTR, {"compressed": True, "families": arch.get("families", {}),
+                               "param_shapes": arch.get("param_shapes", {}),
+                               "module_attrs": arch.get("module_attrs", {}),
+                               "packed_layers": {n: s["weight_bits"] for n, s in qcfg.layers.items()}})
+    return model
+
+
+def check_loaded_model(model: nn.Module, qcfg: GETAQuantizationConfig) -> None:
+    """After loading: every tensor agrees with the config (shapes, scales, bits)."""
+    mods = dict(model.named_modules())
+    for name, spec in qcfg.layers.items():
+        m = mods[name]
+        for key in ("weight_scale", "weight_clip", "weight_exponent"):
+            v = float(getattr(m, key))
+            if not math.isclose(v, spec[key], rel_tol=1e-6, abs_tol=0.0):
+                raise CheckpointError(f"quantization_config.layers[{name!r}].{key} = {spec[key]!r} "
+                                      f"but the checkpoint tensor holds {v!r}")
+        if spec["act"] is not None:
+            aq = m.act_quantizer
+            aq.calibrated = True
+            for key in ("d", "q_m"):
+                v = float(getattr(aq, key).detach().abs())
+                if not math.isclose(v, spec["act"][key], rel_tol=1e-6):
+                    raise CheckpointError(f"quantization_config.layers[{name!r}].act.{key} = "
+                                          f"{spec['act'][key]!r} but the checkpoint holds {v!r}")
+    params = dict(model.named_parameters())
+    for pname, shape in qcfg.architecture.get("param_shapes", {}).items():
+        p = params.get(pname)
+        if p is not None and list(p.shape) != list(shape):
+            raise CheckpointError(f"quantization_config.architecture.param_shapes[{pname!r}] = "
+                                  f"{shape} but the loaded parameter has shape {list(p.shape)}")
+
+
+class GETAHfQuantizer(HfQuantizer):
+    """Rebuilds a GETA-compressed model inside ``from_pretrained`` (see module docstring)."""
+
+    requires_calibration = False
+
+    def __init__(self, quantization_config: QuantizationConfigMixin, **kwargs) -> None:
+        if isinstance(quantization_config, dict):
+            quantization_config = GETAQuantizationConfig(**quantization_config)
+        super().__init__(quantization_config, **kwargs)
+
+    def validate_environment(self, *args, **kwargs) -> None:
+        self.quantization_config.validate()
+        if not self.pre_quantized:
+            raise CheckpointError("the geta method loads GETA-compressed checkpoints; to compress a "
+                                  "model, train it with geta_hf.GETATrainer or call geta_hf.compress_model")
+
+    def _process_model_before_weight_loading(self, model, **kwargs):
+        return build_compressed_skeleton(model, self.quantization_config)
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        check_loaded_model(model, self.quantization_config)
+        return model
+
+    def get_state_dict_and_metadata(self, model):
+        # refresh the config from the live model, so learned input ranges saved after further
+        # fine-tuning match their tensors
+        fresh = quantization_config_from_model(model)
+        self.quantization_config = fresh
+        model.config.quantization_config = fresh
+        return None, {}
+
+    def is_serializable(self, *args, **kwargs) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return True
+
+    @property
+    def is_qat_trainable(self) -> bool:
+        return True
+
+
+_registered = False
+
+
+def register() -> None:
+    """Register the ``geta`` method with transformers (idempotent; re-imports are safe)."""
+    global _registered
+    if _registered:
+        return
+    from transformers.quantizers.auto import (AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING,
+                                              register_quantization_config, register_quantizer)
+
+    if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
+        register_quantization_config(QUANT_METHOD)(GETAQuantizationConfig)
+    if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
+        register_quantizer(QUANT_METHOD)(GETAHfQuantizer)
+    _registered = True

@@ -1,0 +1,143 @@
+"""Saving compressed models: `save_compressed`, the model card, and `compress_model` for HF models."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from typing import Any, Mapping, Optional
+
+from torch import nn
+
+from ..compress.report import format_stats_table
+from ..compress.subnet import ARCH_ATTR
+from ..compress.subnet import compress_model as _core_compress
+from .quantizer import GETAHfQuantizer, quantization_config_from_model
+
+__all__ = ["save_compressed", "attach_quantization_config", "compress_model", "model_card"]
+
+
+def attach_quantization_config(model: nn.Module, geta_config: Optional[dict] = None,
+                               base_model: Optional[str] = None) -> None:
+    """Give a compressed HF model the ``geta`` quantization config and quantizer, so that
+    ``model.save_pretrained`` / ``push_to_hub`` write a checkpoint ``from_pretrained`` rebuilds."""
+    if getattr(model, "config", None) is None:
+        return
+    qcfg = quantization_config_from_model(model, geta_config=geta_config, base_model=base_model)
+    model.config.quantization_config = qcfg
+    model.hf_quantizer = GETAHfQuantizer(qcfg, pre_quantized=True)
+
+
+def compress_model(model: nn.Module, qadg, **kwargs) -> nn.Module:
+    """:func:`geta_hf.compress.compress_model`, then (for HF models) attach the ``geta``
+    quantization config so that ``model.save_pretrained`` writes a reloadable checkpoint."""
+    _core_compress(model, qadg, **kwargs)
+    if hasattr(model, "config") and hasattr(model, "save_pretrained"):
+        attach_quantization_config(model)
+    return model
+
+
+def _base_model_name(model: nn.Module) -> Optional[str]:
+    cfg = getattr(model, "config", None)
+    name = getattr(cfg, "_name_or_path", None) or None
+    if name and os.path.isabs(name):  # a local path says nothing to readers of the card
+        return os.path.basename(name.rstrip("/")) or None
+    return name
+
+
+def model_card(model: nn.Module, stats: Optional[Mapping[str, Any]] = None,
+               eval_results: Optional[Mapping[str, float]] = None,
+               geta_config: Optional[Mapping[str, Any]] = None,
+               base_model: Optional[str] = None) -> str:
+    """The README.md written next to a compressed checkpoint."""
+    arch = getattr(model, ARCH_ATTR, {}) or {}
+    cls = type(model).__name__
+    base = base_model or _base_model_name(model) or "unknown"
+    lines = ["---", "library_name: transformers", "tags:", "- geta-hf", "- pruning",
+             "- quantization", "- mixed-precision"]
+    if base != "unknown" and "/" in base:
+        lines.append(f"base_model: {base}")
+    lines += ["---", "", f"# {cls} compressed with GETA",
+              "",
+              f"Base model: `{base}`. Task head: `{cls}`. This checkpoint was pruned (whole "
+              "attention heads / GQA kv-groups / MLP channels removed, per layer) and quantized "
+              "with per-layer learned bit widths by [geta-hf](https://github.com/) "
+              "(GETA, Qu et al., CVPR 2025).", "",
+              "```python", "import geta_hf  # registers the 'geta' quantization method",
+              "from transformers import AutoModel  # or the task's AutoModelFor* class",
+              "model = AutoModel.from_pretrained(\"<this folder or repo>\")", "```", ""]
+    if stats:
+        lines += ["## Compression", "", format_stats_table(stats), ""]
+    fams = arch.get("families", {})
+    if fams:
+        lines += ["## Heads and channels kept", "", "| family | kind | kept | of |",
+                  "|---|---|---:|---:|"]
+        lines += [f"| {n} | {f['kind']} | {len(f['kept'])} | {f['units']} |" for n, f in fams.items()]
+        lines.append("")
+    packed = arch.get("packed_layers", {})
+    if packed:
+        hist = {}
+        for b in packed.values():
+            hist[b] = hist.get(b, 0) + 1
+        lines += ["## Weight bit widths", "",
+                  ", ".join(f"{n} layer(s) at {b} bits" for b, n in sorted(hist.items())), ""]
+    if eval_results:
+        lines += ["## Evaluation", "", "| metric | value |", "|---|---:|"]
+        lines += [f"| {k} | {v:.4g} |" for k, v in eval_results.items()] + [""]
+    if geta_config:
+        lines += ["## GETA settings", "", "```json", json.dumps(dict(geta_config), indent=1,
+                                                                 sort_keys=True), "```", ""]
+    return "\n".join(lines)
+
+
+def save_compressed(model: nn.Module, save_directory: str, *, processing_class=None,
+                    eval_results: Optional[Mapping[str, float]] = None,
+                    example_inputs: Optional[Mapping[str, Any]] = None,
+                    geta_config: Optional[Mapping[str, Any]] = None,
+                    base_model: Optional[str] = None) -> str:
+    """Write a compressed model as a standard HF folder: ``config.json`` (with the ``geta``
+    ``quantization_config``), ``model.safetensors`` (bit-packed integer weights + float scales),
+    the tokenizer/processor when given, and a ``README.md`` model card.
+
+    Everything is written to a temporary folder next to ``save_directory`` and renamed into place
+    at the end, so an interrupted save leaves any previous checkpoint intact. With
+    ``example_inputs`` the card includes MACs and BOPs.
+    """
+    arch = getattr(model, ARCH_ATTR, None)
+    if not arch or not arch.get("compressed"):
+        raise ValueError("save_compressed: the model is not compressed; call "
+                         "geta_hf.compress_model(model, qadg) (or trainer.save_compressed) first")
+    if not hasattr(model, "save_pretrained"):
+        raise TypeError(f"save_compressed: {type(model).__name__} is not a transformers PreTrainedModel")
+    gcfg = dict(geta_config) if geta_config is not None else None
+    attach_quantization_config(model, geta_config=gcfg, base_model=base_model)
+    stats = None
+    if example_inputs is not None:
+        from ..compress.metrics import model_stats
+
+        stats = model_stats(model, example_inputs)
+    target = os.path.abspath(save_directory)
+    parent = os.path.dirname(target)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=os.path.basename(target) + ".tmp-", dir=parent)
+    try:
+        model.save_pretrained(tmp)
+        if processing_class is not None:
+            processing_class.save_pretrained(tmp)
+        with open(os.path.join(tmp, "README.md"), "w") as f:
+            f.write(model_card(model, stats=stats, eval_results=eval_results,
+                               geta_config=gcfg, base_model=base_model))
+        old = None
+        if os.path.exists(target):
+            old = target + ".old"
+            if os.path.exists(old):
+                shutil.rmtree(old)
+            os.rename(target, old)
+        os.rename(tmp, target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
