@@ -3,7 +3,9 @@
 from .compress import CompressionError, model_stats, report
 from .config import GETAConfig
 from .graph import QADG, GraphCaptureError, build_qadg
-from .hf import CheckpointError, compress_model, save_compressed
+from .hf import (CheckpointError, GETATrainer, GETATrainingArguments, compress_model,
+                 save_compressed)
+from .optim import QASSO
 from .quant import calibrate_activations, prepare_model
 
 __version__ = "0.1.0"
@@ -11,6 +13,6 @@ __version__ = "0.1.0"
 __all__ = [
     "GETAConfig", "prepare_model", "calibrate_activations", "build_qadg", "QADG",
     "GraphCaptureError", "compress_model", "CompressionError", "model_stats", "report",
-    "save_compressed", "CheckpointError",
+    "save_compressed", "CheckpointError", "QASSO", "GETATrainer", "GETATrainingArguments",
     "__version__",
 ]

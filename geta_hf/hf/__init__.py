@@ -2,10 +2,13 @@
 
 from .quantizer import (CheckpointError, GETAHfQuantizer, GETAQuantizationConfig,
                         quantization_config_from_model, register)
+from .args import GETATrainingArguments
 from .serialization import attach_quantization_config, compress_model, model_card, save_compressed
+from .trainer import GETACallback, GETATrainer
 
 register()
 
 __all__ = ["GETAQuantizationConfig", "GETAHfQuantizer", "CheckpointError", "register",
            "save_compressed", "compress_model", "attach_quantization_config", "model_card",
-           "quantization_config_from_model"]
+           "quantization_config_from_model", "GETATrainer", "GETATrainingArguments",
+           "GETACallback"]

@@ -1,0 +1,118 @@
+"""`GETATrainingArguments`: `TrainingArguments` plus every GETA knob, exposed to `HfArgumentParser`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from transformers import TrainingArguments
+
+from ..config import IMPORTANCE_CRITERIA, GETAConfig
+
+__all__ = ["GETATrainingArguments"]
+
+
+def _stage(value: float, name: str):
+    """A float <= 1 is a fraction of the run; a whole number > 1 is an absolute step count."""
+    if value > 1:
+        if value != int(value):
+            raise ValueError(f"GETATrainingArguments.{name}: got {value!r}; allowed: a fraction in "
+                             "[0, 1] or a whole number of steps > 1")
+        return int(value)
+    return float(value)
+
+
+def _weights(spec: Optional[str]) -> dict:
+    if spec is None:
+        return {k: 0.2 for k in IMPORTANCE_CRITERIA}
+    out = {}
+    for part in spec.split(","):
+        key, sep, val = part.partition("=")
+        if not sep:
+            raise ValueError("GETATrainingArguments.geta_importance_weights: expected "
+                             f"'name=weight,...' with names among {list(IMPORTANCE_CRITERIA)}; got {spec!r}")
+        try:
+            out[key.strip()] = float(val)
+        except ValueError as e:
+            raise ValueError(f"GETATrainingArguments.geta_importance_weights: {val!r} is not a number") from e
+    return out
+
+
+@dataclass
+class GETATrainingArguments(TrainingArguments):
+    """`transformers.TrainingArguments` with GETA's settings (all prefixed ``geta_``).
+
+    Every field appears on the command line through `HfArgumentParser`
+    (e.g. ``--geta_target_group_sparsity 0.4 --geta_weight_bits 4 8``). They are turned into a
+    :class:`geta_hf.GETAConfig` by :meth:`to_geta_config`, which validates them.
+    """
+
+    geta_target_group_sparsity: float = field(default=0.5, metadata={
+        "help": "Fraction of prunable units (attention heads, GQA kv-groups, MLP channels) to remove, in [0, 1)."})
+    geta_weight_bits: List[int] = field(default_factory=lambda: [4, 16], metadata={
+        "help": "Weight bit range: two integers b_l b_u with 2 <= b_l <= b_u <= 16 (layers start at b_u)."})
+    geta_activation_bits: Optional[List[int]] = field(default=None, metadata={
+        "help": "Input (activation) bit range b_l b_u; omit for weight-only quantization."})
+    geta_bit_reduction: int = field(default=2, metadata={
+        "help": "Bits removed from the upper bound at each projection period (never below b_l)."})
+    geta_quantizer: str = field(default="nonlinear", metadata={
+        "help": "Quantizer kind: 'nonlinear' (learned exponent t) or 'linear'.",
+        "choices": ["nonlinear", "linear"]})
+    geta_warmup: float = field(default=0.1, metadata={
+        "help": "Warm-up length: a fraction of the training steps (<= 1) or a number of steps (> 1)."})
+    geta_projection: float = field(default=0.2, metadata={
+        "help": "Projection-stage length (bit-range projection, upper bound shrinking): fraction or steps."})
+    geta_joint: float = field(default=0.4, metadata={
+        "help": "Joint-stage length (pruning periods with forget rate and quant step): fraction or steps. "
+                "Cool-down (frozen integer bits) takes the rest."})
+    geta_projection_periods: int = field(default=5, metadata={
+        "help": "Number of max-bit reduction periods in the projection stage."})
+    geta_pruning_periods: int = field(default=5, metadata={
+        "help": "Number of periods over which units are selected and forgotten in the joint stage."})
+    geta_importance_weights: Optional[str] = field(default=None, metadata={
+        "help": "Saliency criteria weights, e.g. 'magnitude=0.5,taylor_first_order=0.5' "
+                f"(names: {', '.join(IMPORTANCE_CRITERIA)}; default 0.2 each)."})
+    geta_group_divisible: int = field(default=1, metadata={
+        "help": "Keep a multiple of this many units per family (hardware-friendly widths)."})
+    geta_include_modules: Optional[List[str]] = field(default=None, metadata={
+        "help": "Glob patterns of module names to quantize (default: every Linear/Conv1D)."})
+    geta_exclude_modules: Optional[List[str]] = field(default=None, metadata={
+        "help": "Glob patterns of module names never quantized."})
+    geta_unprunable_modules: Optional[List[str]] = field(default=None, metadata={
+        "help": "Glob patterns of module names whose heads/channels are never pruned."})
+    geta_min_units_per_family: int = field(default=1, metadata={
+        "help": "Units every family keeps (at least 1: a layer is never removed entirely)."})
+    geta_quant_lr: float = field(default=1e-3, metadata={
+        "help": "Learning rate of the quantizer scalars d, q_m, t."})
+    geta_act_calibration_batches: int = field(default=4, metadata={
+        "help": "Training batches used to initialise input (activation) ranges."})
+    geta_act_calibration_percentile: float = field(default=100.0, metadata={
+        "help": "Percentile of |input| used as the initial clip (100 = max)."})
+    geta_optimizer: str = field(default="adamw", metadata={
+        "help": "Dense update of QASSO: 'adamw', 'adam' or 'sgd'.", "choices": ["adamw", "adam", "sgd"]})
+    geta_tune_cpu_allocator: bool = field(default=True, metadata={
+        "help": "On Linux/CPU, keep freed tensors in the glibc heap (avoids page-fault storms)."})
+
+    def to_geta_config(self) -> GETAConfig:
+        """The :class:`GETAConfig` these arguments describe (validated)."""
+        return GETAConfig(
+            target_group_sparsity=self.geta_target_group_sparsity,
+            weight_bits=tuple(self.geta_weight_bits) if self.geta_weight_bits is not None else None,
+            activation_bits=tuple(self.geta_activation_bits) if self.geta_activation_bits else None,
+            bit_reduction=self.geta_bit_reduction,
+            quantizer=self.geta_quantizer,
+            warmup=_stage(self.geta_warmup, "geta_warmup"),
+            projection=_stage(self.geta_projection, "geta_projection"),
+            joint=_stage(self.geta_joint, "geta_joint"),
+            projection_periods=self.geta_projection_periods,
+            pruning_periods=self.geta_pruning_periods,
+            importance_weights=_weights(self.geta_importance_weights),
+            group_divisible=self.geta_group_divisible,
+            include_modules=tuple(self.geta_include_modules) if self.geta_include_modules else None,
+            exclude_modules=tuple(self.geta_exclude_modules or ()),
+            unprunable_modules=tuple(self.geta_unprunable_modules or ()),
+            min_units_per_family=self.geta_min_units_per_family,
+            quant_lr=self.geta_quant_lr,
+            act_calibration_batches=self.geta_act_calibration_batches,
+            act_calibration_percentile=self.geta_act_calibration_percentile,
+        )

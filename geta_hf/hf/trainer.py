@@ -1,0 +1,208 @@
+"""`GETATrainer`: GETA inside the Hugging Face `Trainer` (public hooks only)."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any, Dict, Mapping, Optional
+
+import torch
+from transformers import Trainer, TrainerCallback
+
+from ..compress.estimate import BopsEstimator
+from ..config import GETAConfig
+from ..graph.qadg import build_qadg
+from ..quant.prepare import prepare_model
+from ..utils import tune_cpu_allocator
+from .serialization import compress_model, save_compressed
+
+__all__ = ["GETATrainer", "GETACallback", "STAGES"]
+
+logger = logging.getLogger(__name__)
+
+STAGES = ("warmup", "projection", "joint", "cooldown")
+
+
+def _tensors_only(batch: Mapping[str, Any], rows: Optional[int] = None) -> Dict[str, torch.Tensor]:
+    out = {}
+    for k, v in batch.items():
+        if torch.is_tensor(v):
+            out[k] = v[:rows] if (rows is not None and v.dim() > 0) else v
+    return out
+
+
+class GETACallback(TrainerCallback):
+    """Prints a progress line whenever QASSO enters a new stage (and asks for a log there)."""
+
+    def __init__(self, trainer: "GETATrainer") -> None:
+        self.trainer = trainer
+        self.last_stage: Optional[str] = None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        opt = self.trainer.geta_optimizer
+        if opt is None:
+            return control
+        stage = opt.stage
+        if stage != self.last_stage:
+            if self.last_stage is not None:
+                control.should_log = True
+                if state.is_world_process_zero:
+                    d = opt.describe()
+                    print(f"[geta] step {state.global_step}/{state.max_steps}: {self.last_stage} -> "
+                          f"{stage} (weight bits <= {d['b_u_weight']}, group sparsity "
+                          f"{d['group_sparsity']:.3f}, avg weight bits {d['avg_weight_bits'] or 0:.2f})",
+                          flush=True)
+            self.last_stage = stage
+        return control
+
+
+class GETATrainer(Trainer):
+    """A `transformers.Trainer` that trains with GETA and yields a compressed model.
+
+    On construction it inserts the quantizers (:func:`geta_hf.prepare_model`), initialises input
+    ranges from the first training batches, and builds the pruning search space
+    (:func:`geta_hf.build_qadg`) from one collated training batch. `create_optimizer` creates
+    :class:`geta_hf.QASSO` with the Trainer's own step count, so every LR scheduler, gradient
+    accumulation, ``max_grad_norm``, evaluation, checkpointing, ``resume_from_checkpoint`` and
+    distributed data parallelism work as with `Trainer`. GETA's figures (stage, group sparsity,
+    bits, estimated relative BOPs) are added to every training log.
+
+    Args:
+        geta_config: the :class:`geta_hf.GETAConfig`; by default taken from
+            :class:`GETATrainingArguments` (``args.to_geta_config()``).
+        example_inputs: the batch used for the search space and the BOP estimate (default: the
+            first training batch).
+        Everything else as for `transformers.Trainer`.
+
+    The model's forward is assumed to return a mean loss that ignores ``num_items_in_batch``
+    (true of HF's task heads with ``labels``/positions): the Trainer then averages over
+    gradient-accumulation steps itself, avoiding the loss-scaling trap of HF-NOTES.
+    """
+
+    def __init__(self, model=None, args=None, *a, geta_config: Optional[GETAConfig] = None,
+                 example_inputs: Optional[Mapping[str, torch.Tensor]] = None, **kwargs) -> None:
+        if model is None:
+            raise ValueError("GETATrainer: pass the model (model_init is not supported: the model "
+                             "is prepared for quantization once, at construction)")
+        if geta_config is None:
+            if hasattr(args, "to_geta_config"):
+                geta_config = args.to_geta_config()
+            else:
+                raise ValueError("GETATrainer: pass geta_config=GETAConfig(...) or use "
+                                 "GETATrainingArguments")
+        if not isinstance(geta_config, GETAConfig):
+            raise TypeError(f"GETATrainer: geta_config must be a GETAConfig, got {type(geta_config).__name__}")
+        opts = kwargs.get("optimizers")
+        if opts is not None and opts[0] is not None:
+            raise ValueError("GETATrainer: the optimizer is QASSO, created by the trainer; do not pass "
+                             "`optimizers`")
+        self.geta_config = geta_config
+        super().__init__(model, args, *a, **kwargs)
+        if getattr(self.args, "geta_tune_cpu_allocator", True) and self.args.device.type == "cpu":
+            tune_cpu_allocator()
+        # HF task heads return a mean loss and ignore num_items_in_batch: let the Trainer average
+        # over accumulation steps (see HF-NOTES, "loss-scaling trap").
+        self.model_accepts_loss_kwargs = False
+        self._geta_total_steps: Optional[int] = None
+        self._geta_setup(example_inputs)
+        self.add_callback(GETACallback(self))
+
+    # ------------------------------------------------------------------ set-up
+    def _setup_batches(self, n: int):
+        if self.train_dataset is None:
+            raise ValueError("GETATrainer: a train_dataset is needed to set GETA up")
+        loader = self.get_eval_dataloader(self.train_dataset)  # sequential: no RNG is consumed
+        out = []
+        for batch in loader:
+            out.append(_tensors_only(batch))
+            if len(out) >= n:
+                break
+        if not out:
+            raise ValueError("GETATrainer: the train_dataset produced no batch")
+        return out
+
+    def _geta_setup(self, example_inputs) -> None:
+        cfg = self.geta_config
+        model = self.model
+        n = cfg.act_calibration_batches if cfg.quantize_activations else 1
+        batches = self._setup_batches(n)
+        prepare_model(model, cfg, calibration_data=batches if cfg.quantize_activations else None)
+        example = dict(example_inputs) if example_inputs is not None else _tensors_only(batches[0], rows=2)
+        self._geta_example = example
+        self.qadg = build_qadg(model, example, cfg)
+        self._bops = BopsEstimator(model, self.qadg, example)
+
+    # ------------------------------------------------------------------ public hooks
+    def create_optimizer_and_scheduler(self, num_training_steps: int) -> None:
+        self._geta_total_steps = int(num_training_steps)
+        super().create_optimizer_and_scheduler(num_training_steps)
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            from ..optim import QASSO
+
+            total = self._geta_total_steps or getattr(self.state, "max_steps", 0)
+            if not total or total < 1:
+                raise RuntimeError("GETATrainer.create_optimizer: the number of training steps is "
+                                   "unknown; create the optimizer through trainer.train()")
+            args = self.args
+            self.optimizer = QASSO(
+                self.model if model is None else model, self.qadg, self.geta_config,
+                lr=args.learning_rate, variant=getattr(args, "geta_optimizer", "adamw"),
+                total_steps=int(total), weight_decay=args.weight_decay,
+                betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
+        return self.optimizer
+
+    @property
+    def geta_optimizer(self):
+        """The QASSO instance (unwrapped from Accelerate's optimizer wrapper), or None."""
+        opt = self.optimizer
+        opt = getattr(opt, "optimizer", opt)
+        return opt if opt is not None and hasattr(opt, "describe") else None
+
+    def geta_metrics(self) -> Dict[str, float]:
+        """GETA's current figures as floats (what `log` adds to the training logs)."""
+        opt = self.geta_optimizer
+        if opt is None:
+            return {}
+        d = opt.describe()
+        est = self._bops.estimate(self.model)
+        out = {"geta/stage": float(STAGES.index(d["stage"])),
+               "geta/group_sparsity": float(d["group_sparsity"]),
+               "geta/zero_units": float(d["zero_units"]),
+               "geta/relative_bops": float(est["relative_bops"]),
+               "geta/relative_macs": float(est["relative_macs"])}
+        if d.get("avg_weight_bits") is not None:
+            out["geta/avg_weight_bits"] = float(d["avg_weight_bits"])
+        if d.get("avg_act_bits") is not None:
+            out["geta/avg_act_bits"] = float(d["avg_act_bits"])
+        if d.get("b_u_weight") is not None:
+            out["geta/max_weight_bits"] = float(d["b_u_weight"])
+        return out
+
+    def log(self, logs: Dict[str, float], *args, **kwargs) -> None:
+        if any(k in logs for k in ("loss", "train_loss")):
+            logs = {**logs, **self.geta_metrics()}
+        super().log(logs, *args, **kwargs)
+
+    # ------------------------------------------------------------------ results
+    def compressed_model(self):
+        """A physically compressed copy of the trained model (the trainer's model is untouched)."""
+        model = copy.deepcopy(self.accelerator.unwrap_model(self.model))
+        model.eval()
+        compress_model(model, self.qadg, example_inputs=self._geta_example)
+        return model
+
+    def save_compressed(self, output_dir: Optional[str] = None,
+                        eval_results: Optional[Mapping[str, float]] = None):
+        """Compress and write the model with :func:`geta_hf.save_compressed` (rank 0 writes).
+
+        Returns the compressed model."""
+        output_dir = output_dir or self.args.output_dir
+        small = self.compressed_model()
+        if self.is_world_process_zero():
+            save_compressed(small, output_dir, processing_class=self.processing_class,
+                            example_inputs=self._geta_example, eval_results=eval_results,
+                            geta_config=self.geta_config.to_dict())
+        self.accelerator.wait_for_everyone()
+        return small

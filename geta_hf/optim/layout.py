@@ -1,0 +1,194 @@
+"""Index tables QASSO builds once (or once per pruning period) so that ``step()`` is tensor work.
+
+* :class:`QuantTable` - every weight and input quantizer of the model (weights first), with
+  batched access to their scalars ``d``, ``q_m``, ``t`` and the bit-range arithmetic.
+* :class:`MemberRef` - one group member (a parameter slice owned by the units of a family) with
+  its parameter handle, unit index tensor and the weight quantizer that quantizes it, if any.
+* :class:`ActiveLayout` - the rows of this period's redundant units, laid out as one flat vector
+  (quantized-weight slices first) with per-element segment ids, plus gather/scatter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from ..quant.functional import EPS
+
+__all__ = ["QuantTable", "MemberRef", "ActiveLayout", "denominators"]
+
+
+def denominators(bits: Sequence[float], device=None) -> torch.Tensor:
+    """``2^(b-1) - 1`` per entry: ``d(b, q_m, t) = |q_m|^t / (2^(b-1) - 1)`` (GETA-METHOD §1.2)."""
+    b = torch.as_tensor(list(bits), dtype=torch.float32, device=device)
+    return torch.exp2(b - 1.0) - 1.0
+
+
+class QuantTable:
+    """Handles on all quantizers: ``n_weight`` weight quantizers, then ``n_act`` input quantizers.
+
+    ``stacked()`` returns ``(d, q_m, t)`` as 1-D tensors (``t = 1`` for linear quantizers) and
+    ``write_d`` stores a 1-D tensor back into the ``d`` parameters with one ``_foreach_copy_``.
+    """
+
+    def __init__(self, layers: Sequence[Tuple[str, nn.Module]]) -> None:
+        self.layer_names: List[str] = []
+        self.kinds: List[str] = []
+        self.weight_numel: List[int] = []
+        quantizers = []
+        for name, layer in layers:
+            quantizers.append(layer.weight_quantizer)
+            self.layer_names.append(name)
+            self.kinds.append("weight")
+            self.weight_numel.append(layer.weight.numel())
+        self.n_weight = len(quantizers)
+        for name, layer in layers:
+            if layer.act_quantizer is not None:
+                quantizers.append(layer.act_quantizer)
+                self.layer_names.append(name)
+                self.kinds.append("act")
+        self.n_act = len(quantizers) - self.n_weight
+        self.quantizers = quantizers
+        self.d = [q.d for q in quantizers]
+        self.q_m = [q.q_m for q in quantizers]
+        self.nonlinear = any(q.t is not None for q in quantizers)
+        one = None
+        t_list = []
+        for q in quantizers:
+            if q.t is not None:
+                t_list.append(q.t)
+            else:
+                if one is None:
+                    one = torch.ones((), dtype=q.d.dtype, device=q.d.device)
+                t_list.append(one)
+        self.t = t_list
+        self.device = quantizers[0].d.device if quantizers else torch.device("cpu")
+
+    def __len__(self) -> int:
+        return len(self.quantizers)
+
+    @property
+    def params(self) -> List[torch.Tensor]:
+        out = []
+        for q in self.quantizers:
+            out.extend(p for p in q.parameters())
+        return out
+
+    def stacked(self):
+        d = torch.stack([p.detach() for p in self.d])
+        q_m = torch.stack([p.detach() for p in self.q_m])
+        t = torch.stack([p.detach() for p in self.t]) if self.nonlinear else None
+        return d, q_m, t
+
+    @staticmethod
+    def top(q_m: torch.Tensor, t: Optional[torch.Tensor]) -> torch.Tensor:
+        """``|q_m|^t`` floored like :func:`geta_hf.quant.d_for_bits`."""
+        a = q_m.abs()
+        if t is not None:
+            a = a.pow(t)
+        return a.clamp_min(EPS)
+
+    def write_d(self, values: torch.Tensor) -> None:
+        with torch.no_grad():
+            torch._foreach_copy_(self.d, list(values.to(self.d[0].dtype).unbind(0)))
+
+    def bits(self) -> torch.Tensor:
+        """Real-valued bit widths ``b(d, q_m, t)`` of all quantizers (GETA-METHOD §1.2)."""
+        d, q_m, t = self.stacked()
+        return torch.log2(self.top(q_m, t) / d.clamp_min(EPS) + 1.0) + 1.0
+
+
+@dataclass
+class MemberRef:
+    """One group member, resolved against the model once."""
+
+    family: int  # index into QADG.families
+    param: torch.Tensor
+    dim: int
+    index: torch.Tensor  # (num_units, width) long, on the parameter's device
+    qidx: int  # index of the weight quantizer of this parameter in the QuantTable, or -1
+
+    def __post_init__(self) -> None:
+        n = self.index.numel()
+        #: unit u owns positions u*width .. (u+1)*width - 1 of the whole dim (reshape, no gather)
+        self.contiguous = n == self.param.shape[self.dim] and bool(
+            torch.equal(self.index.reshape(-1).cpu(), torch.arange(n)))
+
+    def rows(self, local_units: torch.Tensor) -> torch.Tensor:
+        """Positions along ``dim`` owned by the given units (1-D long tensor)."""
+        return self.index.index_select(0, local_units).reshape(-1)
+
+    def unit_view(self, t: torch.Tensor) -> torch.Tensor:
+        """``(num_units, -1)`` entries of ``t`` (shaped like the parameter) owned by each unit."""
+        units = self.index.shape[0]
+        if self.contiguous:
+            return t.movedim(self.dim, 0).reshape(units, -1)
+        return t.index_select(self.dim, self.index.reshape(-1)).movedim(self.dim, 0).reshape(units, -1)
+
+
+class _Slot:
+    __slots__ = ("param", "dim", "rows", "shape", "numel", "family", "qidx")
+
+    def __init__(self, param, dim, rows, family, qidx):
+        self.param = param
+        self.dim = dim
+        self.rows = rows
+        shape = list(param.shape)
+        shape[dim] = rows.numel()
+        self.shape = tuple(shape)
+        n = 1
+        for s in shape:
+            n *= s
+        self.numel = n
+        self.family = family
+        self.qidx = qidx
+
+
+class ActiveLayout:
+    """The active redundant rows of one pruning period, as one slot per group member.
+
+    A slot holds one member's slices of the active units of its family, read and written with
+    ``index_select`` / ``index_copy_`` along the member's dim. Slots are ordered quantized weights
+    first (``n_quant_slots`` of them). ``families`` lists the active families (global indices);
+    ``slot_family`` maps each slot to its position in that list and ``slot_q`` each quantized slot
+    to its weight quantizer. Per-step math runs per slot on contiguous 1-D views, with 0-dim
+    per-slot scalars (no per-element index tensors).
+    """
+
+    def __init__(self, members: Sequence[MemberRef], active: Dict[int, torch.Tensor]) -> None:
+        fam_pos = {f: i for i, f in enumerate(sorted(active))}
+        self.families = sorted(active)
+        slots: List[_Slot] = []
+        for m in members:
+            if m.family in active:
+                slots.append(_Slot(m.param, m.dim, m.rows(active[m.family]), fam_pos[m.family],
+                                   m.qidx))
+        slots.sort(key=lambda s: 0 if s.qidx >= 0 else 1)  # stable: quantized weights first
+        self.slots = slots
+        self.n_quant_slots = sum(1 for s in slots if s.qidx >= 0)
+        dev = slots[0].param.device if slots else torch.device("cpu")
+        self.numel = sum(s.numel for s in slots)
+        self.slot_family = torch.tensor([s.family for s in slots], dtype=torch.long, device=dev)
+        self.slot_q = torch.tensor([s.qidx for s in slots[: self.n_quant_slots]], dtype=torch.long,
+                                   device=dev)
+
+    @property
+    def empty(self) -> bool:
+        return not self.slots
+
+    def gather(self, source: Optional[Dict[int, torch.Tensor]] = None) -> List[torch.Tensor]:
+        """Each slot's current values as a flat float32 tensor; ``source`` maps ``id(param)`` to
+        a tensor to read instead of the parameter (e.g. a snapshot taken before the dense step)."""
+        out = []
+        for s in self.slots:
+            t = s.param if source is None else source[id(s.param)]
+            out.append(t.detach().index_select(s.dim, s.rows).reshape(-1).float())
+        return out
+
+    def scatter(self, values: Sequence[torch.Tensor]) -> None:
+        """Write per-slot flat tensors (as returned by :meth:`gather`) back into the parameters."""
+        for s, v in zip(self.slots, values):
+            s.param.data.index_copy_(s.dim, s.rows, v.view(s.shape).to(s.param.dtype))

@@ -1,0 +1,178 @@
+"""GETATrainer / GETATrainingArguments: GETA inside the HF Trainer."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import transformers as tf
+
+import geta_hf
+from geta_hf import GETAConfig, GETATrainer, GETATrainingArguments
+from geta_hf.quant import input_quantizers_disabled, quant_layers
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def tiny_bert_qa(dropout=0.1, seed=0):
+    torch.manual_seed(seed)
+    cfg = tf.BertConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=48, max_position_embeddings=64,
+                        hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
+    return tf.BertForQuestionAnswering(cfg)
+
+
+def qa_rows(n=64, seq=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(n):
+        ids = torch.randint(3, 96, (seq,), generator=g)
+        s = int(torch.randint(1, seq - 2, (), generator=g))
+        rows.append({"input_ids": ids, "attention_mask": torch.ones(seq, dtype=torch.long),
+                     "start_positions": torch.tensor(s), "end_positions": torch.tensor(s + 1)})
+    return rows
+
+
+def geta_args(out, **kw):
+    base = dict(output_dir=str(out), per_device_train_batch_size=8, num_train_epochs=5,
+                learning_rate=1e-3, report_to="none", logging_steps=5, save_strategy="no",
+                use_cpu=True, seed=0, data_seed=0, geta_target_group_sparsity=0.5,
+                geta_weight_bits=[4, 16], geta_activation_bits=[8, 16], geta_bit_reduction=4,
+                geta_projection_periods=3, geta_pruning_periods=2, geta_warmup=0.1,
+                geta_projection=0.3, geta_joint=0.4, disable_tqdm=True)
+    base.update(kw)
+    return GETATrainingArguments(**base)
+
+
+def test_full_schedule_constraints_logs_and_compression(tmp_path):
+    model = tiny_bert_qa()
+    trainer = GETATrainer(model=model, args=geta_args(tmp_path), train_dataset=qa_rows())
+    trainer.train()
+    opt = trainer.geta_optimizer
+    d = opt.describe()
+    assert d["stage"] == "cooldown" and d["step"] == trainer.state.max_steps == 40
+    k = int(0.5 * trainer.qadg.num_groups)
+    norms = trainer.qadg.group_norms(model)
+    assert int((norms == 0).sum()) == k and d["zero_units"] == k
+    for _, m in quant_layers(model):
+        wb = float(m.weight_quantizer.bits())
+        ab = float(m.act_quantizer.bits())
+        assert abs(wb - round(wb)) < 1e-4 and 4 <= round(wb) <= 8  # 16 - 2 * 4 = 8
+        assert abs(ab - round(ab)) < 1e-4 and 8 <= round(ab) <= 8
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    keys = {"geta/stage", "geta/group_sparsity", "geta/avg_weight_bits", "geta/avg_act_bits",
+            "geta/relative_bops"}
+    assert logs and all(keys <= set(h) for h in logs)
+    assert sorted({h["geta/stage"] for h in logs}) == [1.0, 2.0, 3.0]
+    assert logs[-1]["geta/group_sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert logs[-1]["geta/relative_bops"] < logs[0]["geta/relative_bops"]
+    # the compressed model computes what the trained fake-quant model computes
+    small = trainer.compressed_model()
+    inputs = {k: torch.stack([r[k] for r in qa_rows(4, seed=9)]) for k in ("input_ids", "attention_mask")}
+    model.eval()
+    with torch.no_grad():
+        ref = model(**inputs)
+        out = small(**inputs)
+    for key in ("start_logits", "end_logits"):
+        assert (ref[key] - out[key]).abs().max().item() <= 1e-4
+    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.parameters())
+    path = tmp_path / "compressed"
+    trainer.save_compressed(str(path))
+    back = tf.AutoModelForQuestionAnswering.from_pretrained(str(path))
+    with torch.no_grad():
+        again = back(**inputs)
+    assert torch.allclose(again["start_logits"], out["start_logits"], atol=1e-6)
+
+
+def _final_params(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_resume_inside_joint_stage_is_bit_identical(tmp_path):
+    rows = qa_rows()
+    full = GETATrainer(model=tiny_bert_qa(), args=geta_args(tmp_path / "full"), train_dataset=rows)
+    full.train()
+    ref = _final_params(full.model)
+    # interrupted run: checkpoint at step 20 (the joint stage spans steps 16..31), then stop
+    args = geta_args(tmp_path / "cut", save_strategy="steps", save_steps=20, max_steps=40)
+    first = GETATrainer(model=tiny_bert_qa(), args=args, train_dataset=rows)
+
+    class Stop(tf.TrainerCallback):
+        def on_step_end(self, a, state, control, **kw):
+            if state.global_step == 21:
+                control.should_training_stop = True
+            return control
+
+    first.add_callback(Stop())
+    first.train()
+    assert first.geta_optimizer.describe()["stage"] == "joint"
+    ckpt = tmp_path / "cut" / "checkpoint-20"
+    assert ckpt.is_dir()
+    resumed = GETATrainer(model=tiny_bert_qa(seed=1), args=args, train_dataset=rows)
+    resumed.train(resume_from_checkpoint=str(ckpt))
+    got = _final_params(resumed.model)
+    assert ref.keys() == got.keys()
+    for n in ref:
+        assert torch.equal(ref[n], got[n]), n
+
+
+def test_gradient_accumulation_selects_the_same_units(tmp_path):
+    rows = qa_rows(48)
+    runs = {}
+    for ga, bs in ((1, 8), (2, 4)):
+        model = tiny_bert_qa(dropout=0.0)
+        args = geta_args(tmp_path / f"ga{ga}", per_device_train_batch_size=bs,
+                         gradient_accumulation_steps=ga, num_train_epochs=4, max_grad_norm=1.0)
+        tr = GETATrainer(model=model, args=args, train_dataset=rows)
+        tr.train()
+        runs[ga] = sorted(tr.geta_optimizer.pruned_units)
+        assert tr.state.max_steps == 24
+    assert runs[1] == runs[2] and len(runs[1]) == int(0.5 * 104)
+
+
+def test_two_process_cpu_ddp(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=HERE + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(HERE, "ddp_train.py"), str(tmp_path)]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2)]
+    assert ranks[0]["world_size"] == ranks[1]["world_size"] == 2
+    assert ranks[0]["pruned"] == ranks[1]["pruned"] and len(ranks[0]["pruned"]) == 52
+    assert ranks[0]["params_hash"] == ranks[1]["params_hash"]
+    back = tf.AutoModelForQuestionAnswering.from_pretrained(str(tmp_path / "compressed"))
+    assert back.geta_arch["compressed"]
+
+
+def test_arguments_on_the_command_line():
+    parser = tf.HfArgumentParser(GETATrainingArguments)
+    (args,) = parser.parse_args_into_dataclasses(args=[
+        "--output_dir", "x", "--geta_target_group_sparsity", "0.3", "--geta_weight_bits", "3", "8",
+        "--geta_activation_bits", "8", "16", "--geta_quantizer", "linear", "--geta_warmup", "50",
+        "--geta_joint", "0.5", "--geta_importance_weights", "magnitude=1,taylor_first_order=0.5",
+        "--geta_unprunable_modules", "*.layer.0.*", "--geta_optimizer", "sgd"])
+    cfg = args.to_geta_config()
+    assert cfg.target_group_sparsity == 0.3 and tuple(cfg.weight_bits) == (3, 8)
+    assert tuple(cfg.activation_bits) == (8, 16) and cfg.quantizer == "linear"
+    assert cfg.warmup == 50 and isinstance(cfg.warmup, int) and cfg.joint == 0.5
+    assert cfg.importance_weights == {"magnitude": 1.0, "taylor_first_order": 0.5}
+    assert tuple(cfg.unprunable_modules) == ("*.layer.0.*",) and args.geta_optimizer == "sgd"
+    help_text = parser.format_help()
+    assert "--geta_target_group_sparsity" in help_text and "--geta_pruning_periods" in help_text
+    with pytest.raises(ValueError, match="geta_warmup"):
+        GETATrainingArguments(output_dir="x", geta_warmup=2.5).to_geta_config()
+    with pytest.raises(ValueError, match="GETAConfig.weight_bits"):
+        GETATrainingArguments(output_dir="x", geta_weight_bits=[9, 4]).to_geta_config()
+
+
+def test_clear_errors(tmp_path):
+    plain = tf.TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
+    with pytest.raises(ValueError, match="geta_config"):
+        GETATrainer(model=tiny_bert_qa(), args=plain, train_dataset=qa_rows(8))
+    with pytest.raises(ValueError, match="do not pass `optimizers`"):
+        GETATrainer(model=tiny_bert_qa(), args=plain, train_dataset=qa_rows(8),
+                    geta_config=GETAConfig(), optimizers=(torch.optim.SGD([torch.zeros(1)], 0.1), None))
+    tr = GETATrainer(model=tiny_bert_qa(), args=plain, train_dataset=qa_rows(8), geta_config=GETAConfig())
+    assert tr.qadg.num_groups == 104 and quant_layers(tr.model)
