@@ -1,0 +1,304 @@
+"""The Hugging Face extractive-QA pipeline: features, span post-processing and SQuAD metrics.
+
+Same semantics as the ``run_qa.py`` example of transformers, as library functions:
+
+* :func:`prepare_train_features` / :func:`prepare_eval_features` are ``Dataset.map(batched=True)``
+  functions that split long contexts into overlapping windows (``doc_stride`` tokens of overlap)
+  and label each window with the answer's token span, or with the CLS index when the answer is
+  not fully inside the window.
+* :func:`postprocess_predictions` turns per-window start/end logits back into one answer string
+  per example (best-scoring valid span over all windows of the example).
+* :func:`squad_metrics` is the official SQuAD v1.1 exact match / F1 (0-100).
+
+Tokenizers that pad on the left get the context first and the question second (truncating the
+first sequence), as in the HF example; all positions are found through ``sequence_ids`` so the
+padding side never shifts them. A fast tokenizer (offset mappings) is required.
+
+Three deliberate refinements over the example: answer labels ignore surrounding whitespace in the
+answer text; an answer whose first token is the window's last context token is labelled
+correctly (the example's offset scan can run past the context there); and the n-best search
+ranks only context tokens, so a window whose top logits sit on question tokens still yields its
+best valid span.
+"""
+
+from __future__ import annotations
+
+import collections
+import re
+import string
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+__all__ = [
+    "prepare_train_features", "prepare_eval_features", "postprocess_predictions",
+    "squad_metrics", "normalize_answer",
+]
+
+
+# ----------------------------------------------------------------------------- features
+def _tokenize(examples: Mapping[str, Sequence], tokenizer, max_length: int, doc_stride: int,
+              pad_to_max_length: bool):
+    """Tokenize question/context pairs into overflowing windows; returns (encoding, context id)."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError("QA features need a fast tokenizer (offset mappings); "
+                         f"{type(tokenizer).__name__} is not one")
+    if not 0 <= doc_stride < max_length:
+        raise ValueError(f"doc_stride ({doc_stride}) must be >= 0 and < max_length ({max_length})")
+    for col in ("question", "context"):
+        if col not in examples:
+            raise KeyError(f"examples have no {col!r} column")
+    pad_on_right = tokenizer.padding_side == "right"
+    questions = [q.lstrip() for q in examples["question"]]  # leading spaces waste window tokens
+    contexts = list(examples["context"])
+    pair = (questions, contexts) if pad_on_right else (contexts, questions)
+    try:
+        enc = tokenizer(*pair, truncation="only_second" if pad_on_right else "only_first",
+                        max_length=max_length, stride=doc_stride, return_overflowing_tokens=True,
+                        return_offsets_mapping=True,
+                        padding="max_length" if pad_to_max_length else False)
+    except Exception as e:
+        if "truncat" not in str(e).lower():
+            raise
+        longest = max(len(tokenizer(q, add_special_tokens=False)["input_ids"]) for q in questions)
+        raise ValueError(f"max_length={max_length} leaves no room for the context after the question "
+                         f"(longest question: {longest} tokens) with doc_stride={doc_stride}; "
+                         "raise max_length or lower doc_stride") from e
+    return enc, 1 if pad_on_right else 0
+
+
+def _context_span(enc, i: int, context_id: int) -> np.ndarray:
+    """Token indices of feature ``i`` that belong to the context."""
+    seq = enc.sequence_ids(i)
+    return np.fromiter((j for j, s in enumerate(seq) if s == context_id), dtype=np.int64)
+
+
+def _cls_index(input_ids: list[int], tokenizer) -> int:
+    cls = tokenizer.cls_token_id
+    return input_ids.index(cls) if cls is not None and cls in input_ids else 0
+
+
+def _answer_chars(answers: Mapping[str, list]) -> tuple[int, int] | None:
+    """(start, end) character span of the first answer, whitespace trimmed; None if no answer."""
+    if not answers["answer_start"]:
+        return None
+    text = answers["text"][0]
+    start = answers["answer_start"][0] + len(text) - len(text.lstrip())
+    return start, start + len(text.strip())
+
+
+def _token_span(offsets, ctx: np.ndarray, span: tuple[int, int] | None, cls: int) -> tuple[int, int]:
+    """A feature's label: first/last answer token, or (cls, cls) if the answer is not inside."""
+    if span is None or ctx.size == 0:
+        return cls, cls
+    offs = np.asarray(offsets, dtype=np.int64)[ctx]
+    a, b = span
+    if offs[0, 0] > a or offs[-1, 1] < b:
+        return cls, cls
+    # last context token starting at/before the answer, first one ending at/after it
+    return int(ctx[np.flatnonzero(offs[:, 0] <= a)[-1]]), int(ctx[np.flatnonzero(offs[:, 1] >= b)[0]])
+
+
+def prepare_train_features(examples, tokenizer, max_length: int = 384, doc_stride: int = 128,
+                           pad_to_max_length: bool = True) -> dict[str, list]:
+    """Tokenize a batch of SQuAD examples into training features (``Dataset.map(batched=True)``).
+
+    ``examples`` is a batch dict with ``question``, ``context`` and ``answers``
+    ({"text": [...], "answer_start": [...]}; the first answer is the label). A context longer than
+    the window yields several features that overlap by ``doc_stride`` tokens. Each feature gets
+    ``start_positions``/``end_positions``: the first/last token of the answer when the whole answer
+    lies inside the window's context, else the CLS index (also for unanswerable examples).
+    Without ``pad_to_max_length`` features are unpadded (use a padding collator).
+    """
+    if "answers" not in examples:
+        raise KeyError("examples have no 'answers' column")
+    enc, context_id = _tokenize(examples, tokenizer, max_length, doc_stride, pad_to_max_length)
+    sample_map = enc.pop("overflow_to_sample_mapping")
+    offsets_all = enc.pop("offset_mapping")
+    starts, ends = [], []
+    for i, sample in enumerate(sample_map):
+        s, e = _token_span(offsets_all[i], _context_span(enc, i, context_id),
+                           _answer_chars(examples["answers"][sample]),
+                           _cls_index(enc["input_ids"][i], tokenizer))
+        starts.append(s)
+        ends.append(e)
+    out = dict(enc)
+    out["start_positions"], out["end_positions"] = starts, ends
+    return out
+
+
+def prepare_eval_features(examples, tokenizer, max_length: int = 384, doc_stride: int = 128,
+                          pad_to_max_length: bool = True) -> dict[str, list]:
+    """Tokenize a batch of SQuAD examples into evaluation features (``Dataset.map(batched=True)``).
+
+    Windows as in :func:`prepare_train_features`. Each feature keeps ``example_id`` (the
+    example's ``id``) and ``offset_mapping`` with ``None`` for every token that is not part of the
+    context, which is what :func:`postprocess_predictions` needs to map spans back to text.
+    """
+    if "id" not in examples:
+        raise KeyError("examples have no 'id' column")
+    enc, context_id = _tokenize(examples, tokenizer, max_length, doc_stride, pad_to_max_length)
+    sample_map = enc.pop("overflow_to_sample_mapping")
+    example_ids, offsets = [], []
+    for i, sample in enumerate(sample_map):
+        example_ids.append(examples["id"][sample])
+        seq = enc.sequence_ids(i)
+        offsets.append([tuple(o) if s == context_id else None
+                        for o, s in zip(enc["offset_mapping"][i], seq)])
+    out = dict(enc)
+    out["example_id"], out["offset_mapping"] = example_ids, offsets
+    return out
+
+
+# ----------------------------------------------------------------------------- post-processing
+def _as_numpy(x) -> np.ndarray:
+    if hasattr(x, "detach"):
+        x = x.detach().float().cpu().numpy()
+    return np.asarray(x, dtype=np.float64)
+
+
+def _offset_arrays(offset_mapping: Sequence, length: int) -> tuple[np.ndarray, np.ndarray]:
+    """(F, L) character starts/ends of context tokens (-1 elsewhere, incl. logit padding)."""
+    starts = np.full((len(offset_mapping), length), -1, dtype=np.int64)
+    ends = starts.copy()
+    for f, offs in enumerate(offset_mapping):
+        offs = offs[:length]
+        keep = [j for j, o in enumerate(offs) if o is not None]
+        if keep:
+            arr = np.asarray([offs[j] for j in keep], dtype=np.int64)
+            starts[f, keep], ends[f, keep] = arr[:, 0], arr[:, 1]
+    return starts, ends
+
+
+def _best_spans(start: np.ndarray, end: np.ndarray, valid: np.ndarray, n_best: int,
+                max_answer_length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Best (score, start, end) per feature among the top ``n_best`` starts x ends, vectorised.
+
+    Only context tokens are candidates; a span needs ``start <= end`` and at most
+    ``max_answer_length`` tokens. Features without a valid span get score -inf.
+    """
+    n_feat, length = start.shape
+    k = max(1, min(n_best, length))
+    ms, me = np.where(valid, start, -np.inf), np.where(valid, end, -np.inf)
+    si = np.argpartition(-ms, k - 1, axis=1)[:, :k] if k < length else np.tile(np.arange(length), (n_feat, 1))
+    ei = np.argpartition(-me, k - 1, axis=1)[:, :k] if k < length else si.copy()
+    scores = np.take_along_axis(ms, si, 1)[:, :, None] + np.take_along_axis(me, ei, 1)[:, None, :]
+    span_len = ei[:, None, :] - si[:, :, None] + 1
+    scores = np.where((span_len >= 1) & (span_len <= max_answer_length), scores, -np.inf)
+    flat = scores.reshape(n_feat, -1).argmax(1)
+    rows = np.arange(n_feat)
+    return scores.reshape(n_feat, -1)[rows, flat], si[rows, flat // k], ei[rows, flat % k]
+
+
+def postprocess_predictions(examples, features, start_logits, end_logits=None, n_best_size: int = 20,
+                            max_answer_length: int = 30) -> dict[str, str]:
+    """Map per-feature start/end logits back to one answer string per example.
+
+    ``examples``: rows with ``id`` and ``context``; ``features``: the output of
+    :func:`prepare_eval_features` (``example_id``, ``offset_mapping``), in the same order as the
+    logits, which are (num_features, seq_len) arrays or tensors (a ``(start, end)`` tuple may be
+    passed as ``start_logits``, e.g. ``Trainer.predict(...).predictions``; rows padded with -100
+    by the Trainer are fine). For each example, the span with the highest ``start + end`` logit
+    over all its features, among the ``n_best_size`` best start and end context tokens, with
+    ``start <= end`` and at most ``max_answer_length`` tokens, is returned as
+    ``context[char_start:char_end]``; "" if no valid span exists. Returns ``{example_id: text}``.
+    """
+    if end_logits is None:
+        start_logits, end_logits = start_logits
+    start, end = _as_numpy(start_logits), _as_numpy(end_logits)
+    if start.ndim != 2 or start.shape != end.shape:
+        raise ValueError(f"start/end logits must be two (features, seq_len) arrays of one shape, "
+                         f"got {start.shape} and {end.shape}")
+    columns = getattr(features, "column_names", None) or list(features)
+    for col in ("example_id", "offset_mapping"):
+        if col not in columns:
+            raise KeyError(f"features have no {col!r} column (use prepare_eval_features)")
+    feature_ids = list(features["example_id"])
+    if len(feature_ids) != start.shape[0]:
+        raise ValueError(f"{len(feature_ids)} features but {start.shape[0]} rows of logits")
+    char_start, char_end = _offset_arrays(list(features["offset_mapping"]), start.shape[1])
+    scores, s_idx, e_idx = _best_spans(start, end, char_start >= 0, n_best_size, max_answer_length)
+
+    contexts = dict(zip(examples["id"], examples["context"]))
+    best: dict[str, tuple[float, int]] = {}  # example id -> (score, feature)
+    for f, ex_id in enumerate(feature_ids):
+        if ex_id not in contexts:
+            raise KeyError(f"feature {f} refers to unknown example id {ex_id!r}")
+        if np.isfinite(scores[f]) and (ex_id not in best or scores[f] > best[ex_id][0]):
+            best[ex_id] = (float(scores[f]), f)
+    out = {}
+    for ex_id, context in contexts.items():
+        if ex_id in best:
+            f = best[ex_id][1]
+            out[ex_id] = context[char_start[f, s_idx[f]]:char_end[f, e_idx[f]]]
+        else:
+            out[ex_id] = ""
+    return out
+
+
+# ----------------------------------------------------------------------------- metrics
+_PUNCT = frozenset(string.punctuation)
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+
+
+def normalize_answer(text: str) -> str:
+    """Official SQuAD normalisation: lower case, drop punctuation and articles, squeeze spaces."""
+    text = "".join(ch for ch in text.lower() if ch not in _PUNCT)
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def _f1(prediction: str, gold: str) -> float:
+    pred, ref = normalize_answer(prediction).split(), normalize_answer(gold).split()
+    if not pred or not ref:  # SQuAD v2 rule for empty answers
+        return float(pred == ref)
+    same = sum((collections.Counter(pred) & collections.Counter(ref)).values())
+    if same == 0:
+        return 0.0
+    precision, recall = same / len(pred), same / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def _gold_texts(answers: Any) -> list[str]:
+    if isinstance(answers, Mapping):
+        answers = answers["text"]
+    if isinstance(answers, str):
+        answers = [answers]
+    return list(answers) or [""]  # an unanswerable question expects the empty answer
+
+
+def _as_references(references) -> dict[str, list[str]]:
+    if isinstance(references, Mapping):
+        return {k: _gold_texts(v) for k, v in references.items()}
+    refs = {}
+    for row in references:
+        if not isinstance(row, Mapping) or "id" not in row or "answers" not in row:
+            raise ValueError("references must be {id: answers} or rows with 'id' and 'answers'")
+        refs[row["id"]] = _gold_texts(row["answers"])
+    return refs
+
+
+def _as_predictions(predictions) -> dict[str, str]:
+    if isinstance(predictions, Mapping):
+        return dict(predictions)
+    return {row["id"]: row["prediction_text"] for row in predictions}
+
+
+def squad_metrics(predictions, references) -> dict[str, float]:
+    """Official SQuAD v1.1 exact match and F1, on a 0-100 scale, averaged over the references.
+
+    ``predictions``: ``{id: text}`` or rows ``{"id", "prediction_text"}``. ``references``:
+    ``{id: [gold texts]}`` / ``{id: {"text": [...]}}`` or rows with ``id`` and ``answers`` (e.g. a
+    SQuAD ``datasets.Dataset``). Each question scores its best match over its gold answers; a
+    question without a prediction scores 0 (as in the official script).
+    """
+    refs, preds = _as_references(references), _as_predictions(predictions)
+    if not refs:
+        raise ValueError("no references to score")
+    em = f1 = 0.0
+    for qid, golds in refs.items():
+        if qid not in preds:
+            continue
+        pred = preds[qid]
+        em += max(float(normalize_answer(pred) == normalize_answer(g)) for g in golds)
+        f1 += max(_f1(pred, g) for g in golds)
+    return {"exact_match": 100.0 * em / len(refs), "f1": 100.0 * f1 / len(refs)}
