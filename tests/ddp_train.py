@@ -6,7 +6,6 @@ import os
 import sys
 
 import torch
-import transformers as tf
 
 from test_trainer import geta_args, qa_rows, tiny_bert_qa
 

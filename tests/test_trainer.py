@@ -9,9 +9,8 @@ import pytest
 import torch
 import transformers as tf
 
-import geta_hf
 from geta_hf import GETAConfig, GETATrainer, GETATrainingArguments
-from geta_hf.quant import input_quantizers_disabled, quant_layers
+from geta_hf.quant import quant_layers
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

@@ -38,6 +38,8 @@ _SDPA = {getattr(aten, n) for n in (
     "_scaled_dot_product_attention_math", "_scaled_dot_product_fused_attention_overrideable",
 ) if hasattr(aten, n)}
 
+_CONV = {getattr(aten, n) for n in ("convolution", "_convolution") if hasattr(aten, n)}
+
 
 def _numel(shape) -> int:
     return int(math.prod(int(s) for s in shape))
@@ -56,9 +58,8 @@ def _op_macs(func, args, out) -> int:
         batch_heads_l = _numel(q.shape[:-1])  # (..., Hq, L)
         s = int(k.shape[-2])
         return batch_heads_l * s * (int(q.shape[-1]) + int(v.shape[-1]))
-    if pk in (aten.convolution, aten._convolution) if hasattr(aten, "_convolution") else (aten.convolution,):
-        w = args[1]
-        groups = int(args[8]) if len(args) > 8 else 1
+    if pk in _CONV:
+        w = args[1]  # (out, in / groups, *kernel): one MAC per output element per kernel tap
         return _numel(out.shape) * (int(w.shape[1]) * _numel(w.shape[2:]))
     return 0
 

@@ -21,7 +21,7 @@ from torch import nn
 from ..graph.qadg import QADG, Family
 from ..quant.layers import QuantLayerMixin
 from ..quant.prepare import input_quantizers_disabled
-from .packed import PackedQuantLinear, pack_layer
+from .packed import pack_layer
 
 __all__ = ["compress_model", "CompressionError", "ARCH_ATTR", "apply_module_attrs"]
 
