@@ -30,6 +30,16 @@ makes the descent guarantee of §3.5 hold for the step actually taken. Importanc
 same ``g`` on all group slices (computed at period starts only). When the learning rate is 0
 (e.g. an LR warm-up from 0) the joint update is skipped for that step (there is no descent
 direction to protect), and importance scores fall back to the raw gradient.
+
+**Non-finite gradients.** Before anything else ``step()`` checks every gradient with one fused
+max-norm (a single host sync per step). If any is NaN or +-Inf (an overflowing loss, a bad
+batch), the step is *skipped* with a warning: no parameter, quantizer scalar or moment buffer is
+touched. The step still counts, so the stage schedule stays aligned with the caller's step
+count and LR scheduler; the only bookkeeping done on a skipped step is what needs no gradient:
+freezing bits at the start of cool-down and committing the units of a pruning period that ends
+on this step (a period whose first step was skipped starts at its next finite step; if it never
+had one, its units are chosen by the magnitude terms alone and committed). ``skipped_steps``
+counts them and is checkpointed.
 """
 
 from __future__ import annotations
@@ -89,6 +99,9 @@ class QASSO(torch.optim.Optimizer):
         weight_decay: of the weights group (default 0.01 for ``adamw``, else 0). Quantizer scalars
             never decay.
         betas, eps: Adam/AdamW moments; momentum, dampening, nesterov: SGD.
+        skip_nonfinite: skip (with a warning) any step whose gradients hold NaN or Inf, leaving
+            weights, quantizers and optimizer state untouched (see the module docstring).
+            ``False`` removes the per-step check (one host sync) for callers that do their own.
 
     The learning rates are read from ``param_groups`` at every step, so any
     ``torch.optim.lr_scheduler`` works. ``state_dict()`` holds only tensors, numbers, strings,
@@ -118,7 +131,8 @@ class QASSO(torch.optim.Optimizer):
                  variant: str = "adamw", total_steps: Optional[int] = None, *,
                  quant_lr: Optional[float] = None, weight_decay: Optional[float] = None,
                  betas: Sequence[float] = (0.9, 0.999), eps: float = 1e-8, momentum: float = 0.0,
-                 dampening: float = 0.0, nesterov: bool = False) -> None:
+                 dampening: float = 0.0, nesterov: bool = False,
+                 skip_nonfinite: bool = True) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"QASSO: model must be a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(qadg, QADG):
@@ -141,7 +155,11 @@ class QASSO(torch.optim.Optimizer):
             raise ValueError(f"QASSO: weight_decay={weight_decay!r} is invalid; allowed: a finite "
                              "number >= 0")
 
+        if not isinstance(skip_nonfinite, bool):
+            raise ValueError(f"QASSO: skip_nonfinite={skip_nonfinite!r} is invalid; allowed: True "
+                             "or False")
         self._model = model
+        self.skip_nonfinite = skip_nonfinite
         self.qadg = qadg
         self.cfg = cfg
         self.variant = variant
@@ -204,6 +222,7 @@ class QASSO(torch.optim.Optimizer):
         self._den_cache: Dict[tuple, tuple] = {}
         self._warned_past_end = False
         self._achieved: Optional[int] = None
+        self._skipped = 0
 
     # ================================================================== set-up helpers
     @staticmethod
@@ -300,6 +319,11 @@ class QASSO(torch.optim.Optimizer):
         return self._plan.stage(max(self._step - 1, 0))
 
     @property
+    def skipped_steps(self) -> int:
+        """Steps skipped so far because a gradient was NaN or Inf."""
+        return self._skipped
+
+    @property
     def pruned_units(self) -> List[int]:
         """Global ids of committed (hard-zeroed) units."""
         return torch.nonzero(self._pruned).reshape(-1).tolist()
@@ -336,6 +360,9 @@ class QASSO(torch.optim.Optimizer):
             self._warned_past_end = True
         stage = plan.stage(k)
         lr = float(self.param_groups[0]["lr"])
+        if self.skip_nonfinite and not self._grads_finite():
+            self._skip_step(k, stage)
+            return loss
         if stage == "cooldown" and self._frozen_bits is None and len(self._quant):
             self._freeze_bits(k)
 
@@ -371,6 +398,33 @@ class QASSO(torch.optim.Optimizer):
         self._zero_pruned()
         self._step += 1
         return loss
+
+    def _grads_finite(self) -> bool:
+        """Whether every gradient is finite: one fused max-norm per device, one host sync."""
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if not grads:
+            return True
+        norms = torch._foreach_norm(grads, float("inf"))  # NaN propagates, Inf stays Inf
+        dev = norms[0].device
+        return bool(torch.isfinite(torch.stack([n.to(dev) for n in norms])).all())
+
+    def _skip_step(self, k: int, stage: str) -> None:
+        """A step with a NaN/Inf gradient: only the gradient-free schedule bookkeeping runs."""
+        self._skipped += 1
+        logger.warning("QASSO: step %d has a NaN or Inf gradient and is skipped (weights, "
+                       "quantizers and optimizer state unchanged; %d skipped so far)", k + 1,
+                       self._skipped)
+        if stage == "cooldown" and self._frozen_bits is None and len(self._quant):
+            self._freeze_bits(k)
+            self._apply_frozen_bits()
+        elif stage == "joint":
+            p, t_in, T = self._plan.pruning_position(k)
+            if t_in == T - 1:  # the period ends here: it must still commit its units
+                if p != self._period:  # ... even if it never had a finite step to start on
+                    self._start_period(p, None, 0.0)
+                self._commit()
+                self._zero_pruned()
+        self._step += 1
 
     # ================================================================== stage operations
     def _dens(self, k: int):
@@ -416,8 +470,10 @@ class QASSO(torch.optim.Optimizer):
         self._quant.write_d(self._quant.top(q_m, t) / self._frozen_den)
 
     # ------------------------------------------------------------------ pruning periods
-    def _unit_stats(self, snapshot: Dict[int, torch.Tensor], lr: float) -> UnitStats:
-        """Per-unit ``||x||^2``, ``||g||^2``, ``<x, g>`` with pre-step ``x`` and the step's ``g``."""
+    def _unit_stats(self, snapshot: Optional[Dict[int, torch.Tensor]], lr: float) -> UnitStats:
+        """Per-unit ``||x||^2``, ``||g||^2``, ``<x, g>`` with pre-step ``x`` and the step's ``g``.
+
+        ``snapshot=None``: no usable gradient (a skipped step): current ``x`` and ``g = 0``."""
         n = self.qadg.num_groups
         dev = self._member_device()
         sq_x = torch.zeros(n, device=dev)
@@ -426,8 +482,10 @@ class QASSO(torch.optim.Optimizer):
         for m in self._members:
             off = self._offsets[m.family]
             units = self._num_units[m.family]
-            x = m.unit_view(snapshot[id(m.param)]).float()
-            if lr > 0:
+            x = m.unit_view(m.param.detach() if snapshot is None else snapshot[id(m.param)]).float()
+            if snapshot is None:
+                g = torch.zeros_like(x)
+            elif lr > 0:
                 g = (x - m.unit_view(m.param.detach()).float()) / lr
             elif m.param.grad is not None:
                 g = m.unit_view(m.param.grad).float()
@@ -442,7 +500,7 @@ class QASSO(torch.optim.Optimizer):
         """Units period ``p`` should select: its cumulative target minus the committed units."""
         return self._plan.cumulative_target(p) - int(self._pruned.sum())
 
-    def _start_period(self, p: int, snapshot: Dict[int, torch.Tensor], lr: float) -> None:
+    def _start_period(self, p: int, snapshot: Optional[Dict[int, torch.Tensor]], lr: float) -> None:
         """Score the units and choose pruning period ``p``'s redundant set (§3.3)."""
         self._period = p
         plan = self._plan
@@ -597,7 +655,8 @@ class QASSO(torch.optim.Optimizer):
         (``zero_units / num_groups``), ``weight_bits`` / ``act_bits`` (``{layer: rounded bits}``),
         ``avg_weight_bits`` (weighted by each layer's weight size), ``avg_act_bits`` (mean over
         layers), ``b_l_weight``, ``b_u_weight``, ``b_l_act``, ``b_u_act`` (current bounds;
-        ``b_u_*`` of the last completed step), ``bits_frozen``.
+        ``b_u_*`` of the last completed step), ``bits_frozen``, ``skipped_steps`` (steps skipped
+        for a NaN/Inf gradient).
         """
         plan = self._plan
         k = max(self._step - 1, 0)
@@ -642,6 +701,7 @@ class QASSO(torch.optim.Optimizer):
             "b_l_act": None if plan.act_bits is None else plan.act_bits[0],
             "b_u_act": plan.act_upper(k),
             "bits_frozen": self._frozen_bits is not None,
+            "skipped_steps": self._skipped,
         }
 
     # ================================================================== checkpointing
@@ -672,6 +732,7 @@ class QASSO(torch.optim.Optimizer):
             "frozen_bits": None if self._frozen_bits is None
             else [int(b) for b in self._frozen_bits.cpu().tolist()],
             "achieved_units": self._achieved,
+            "skipped_steps": self._skipped,
         }
         return sd
 
@@ -714,3 +775,4 @@ class QASSO(torch.optim.Optimizer):
         self._set_frozen(None if fb is None else torch.tensor(fb, dtype=torch.float32,
                                                                device=self._quant.device))
         self._achieved = s.get("achieved_units")
+        self._skipped = int(s.get("skipped_steps", 0))
