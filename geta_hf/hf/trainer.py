@@ -14,6 +14,7 @@ from ..config import GETAConfig
 from ..graph.qadg import build_qadg
 from ..quant.prepare import prepare_model
 from ..utils import tune_cpu_allocator
+from .resume import check_checkpoint, last_complete_checkpoint
 from .serialization import compress_model, save_compressed
 
 __all__ = ["GETATrainer", "GETACallback", "STAGES"]
@@ -65,7 +66,10 @@ class GETATrainer(Trainer):
     :class:`geta_hf.QASSO` with the Trainer's own step count, so every LR scheduler, gradient
     accumulation, ``max_grad_norm``, evaluation, checkpointing, ``resume_from_checkpoint`` and
     distributed data parallelism work as with `Trainer`. GETA's figures (stage, group sparsity,
-    bits, estimated relative BOPs) are added to every training log.
+    bits, estimated relative BOPs, steps skipped for a NaN/Inf gradient) are added to every
+    training log. A step whose gradients hold NaN or Inf is skipped by QASSO with a warning
+    (weights, quantizers and optimizer state untouched), and ``resume_from_checkpoint`` never
+    picks a checkpoint that an interrupted save left incomplete.
 
     Args:
         geta_config: the :class:`geta_hf.GETAConfig`; by default taken from
@@ -133,6 +137,25 @@ class GETATrainer(Trainer):
         self._bops = BopsEstimator(model, self.qadg, example)
 
     # ------------------------------------------------------------------ public hooks
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        """`Trainer.train`, resuming only from a *complete* checkpoint.
+
+        ``resume_from_checkpoint=True`` picks the newest complete ``checkpoint-N`` of
+        ``output_dir`` (a folder left partial by an interrupted save is skipped with a warning);
+        an explicit path to an incomplete checkpoint raises
+        :class:`geta_hf.hf.resume.IncompleteCheckpointError` instead of failing deep inside the
+        load. See :mod:`geta_hf.hf.resume`.
+        """
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"GETATrainer.train: resume_from_checkpoint=True but "
+                                 f"output_dir={self.args.output_dir!r} holds no complete "
+                                 "checkpoint-N folder")
+        elif isinstance(resume_from_checkpoint, str):
+            check_checkpoint(resume_from_checkpoint)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
     def create_optimizer_and_scheduler(self, num_training_steps: int) -> None:
         self._geta_total_steps = int(num_training_steps)
         super().create_optimizer_and_scheduler(num_training_steps)
@@ -178,6 +201,7 @@ class GETATrainer(Trainer):
             out["geta/avg_act_bits"] = float(d["avg_act_bits"])
         if d.get("b_u_weight") is not None:
             out["geta/max_weight_bits"] = float(d["b_u_weight"])
+        out["geta/skipped_steps"] = float(d["skipped_steps"])
         return out
 
     def log(self, logs: Dict[str, float], *args, **kwargs) -> None:
