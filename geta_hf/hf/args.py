@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import List, Optional
 
@@ -92,6 +93,15 @@ class GETATrainingArguments(TrainingArguments):
         "help": "Dense update of QASSO: 'adamw', 'adam' or 'sgd'.", "choices": ["adamw", "adam", "sgd"]})
     geta_tune_cpu_allocator: bool = field(default=True, metadata={
         "help": "On Linux/CPU, keep freed tensors in the glibc heap (avoids page-fault storms)."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        # fail at parse time, naming the command-line flag, not later inside GETATrainer
+        try:
+            self.to_geta_config()
+        except ValueError as e:
+            msg = re.sub(r"GETAConfig\.(\w+)", r"--geta_\1 (GETAConfig.\1)", str(e))
+            raise ValueError(msg) from None
 
     def to_geta_config(self) -> GETAConfig:
         """The :class:`GETAConfig` these arguments describe (validated)."""
