@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import os
 from typing import Any, Dict, Mapping, Optional
 
 import torch
@@ -59,8 +60,12 @@ class GETAQuantizationConfig(QuantizationConfigMixin):
                                   f"allowed: {QUANT_METHOD!r}")
         self.quant_method = QUANT_METHOD
         self.format_version = format_version
-        self.layers = layers if layers is not None else {}
-        self.architecture = architecture if architecture is not None else {}
+        missing = [k for k, v in (("layers", layers), ("architecture", architecture)) if v is None]
+        if missing:
+            raise CheckpointError(f"quantization_config: missing field(s) {missing}; a GETA "
+                                  "checkpoint records its quantized layers and its architecture")
+        self.layers = layers
+        self.architecture = architecture
         self.geta_config = geta_config
         self.base_model = base_model
         self.validate()
@@ -72,11 +77,12 @@ class GETAQuantizationConfig(QuantizationConfigMixin):
                 f"quantization_config.format_version: got {self.format_version!r}; this geta-hf "
                 f"reads version {FORMAT_VERSION} (upgrade geta-hf to load newer checkpoints)")
         if not isinstance(self.layers, dict):
-            raise CheckpointError("quantization_config.layers: expected a dict {module name: {...}}")
+            raise CheckpointError("quantization_config.layers: expected a dict {module name: {...}}"
+                                  f", got {self.layers!r}")
         for name, spec in self.layers.items():
             _check_layer(name, spec)
         arch = self.architecture
-        if not isinstance(arch, dict) or set(arch) - _ARCH_KEYS:
+        if not isinstance(arch, dict) or set(arch) != _ARCH_KEYS:
             raise CheckpointError("quantization_config.architecture: expected a dict with keys "
                                   f"{sorted(_ARCH_KEYS)}, got {sorted(arch) if isinstance(arch, dict) else arch!r}")
         for pname, shape in arch.get("param_shapes", {}).items():
@@ -279,7 +285,13 @@ class GETAHfQuantizer(HfQuantizer):
             raise CheckpointError("the geta method loads GETA-compressed checkpoints; to compress a "
                                   "model, train it with geta_hf.GETATrainer or call geta_hf.compress_model")
 
-    def _process_model_before_weight_loading(self, model, **kwargs):
+    def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
+        # runs before any weight file is opened: refuse pickles before they could be unpickled
+        for f in checkpoint_files or ():
+            if not str(f).endswith(".safetensors"):
+                raise CheckpointError(
+                    f"GETA checkpoints are read from safetensors files only; refusing "
+                    f"{os.path.basename(str(f))!r} (pickle-based weights are never loaded)")
         return build_compressed_skeleton(model, self.quantization_config)
 
     def _process_model_after_weight_loading(self, model, **kwargs):
