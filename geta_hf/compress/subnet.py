@@ -36,6 +36,8 @@ ARCH_ATTR = "geta_arch"
 _QUERY_HEAD_NAMES = ("num_heads", "num_attention_heads", "n_heads", "n_head")
 _KV_HEAD_NAMES = ("num_key_value_heads", "num_kv_heads", "n_kv_heads", "n_kv_head")
 _SIZE_NAMES = ("all_head_size", "inner_dim", "split_size", "q_size", "kv_size")
+# query heads per kv head (GQA/MQA): changes when query heads are pruned under shared kv heads
+_GROUP_NAMES = ("num_key_value_groups",)
 
 
 class CompressionError(RuntimeError):
@@ -86,7 +88,7 @@ def _attention_modules(model: nn.Module, f: Family) -> List[Tuple[str, nn.Module
 def _head_updates(f: Family, kept: int) -> Dict[int, int]:
     """old value -> new value for head counts and head-derived sizes of family ``f``."""
     rep, dh = max(1, f.heads_per_unit), max(1, f.head_dim)
-    up: Dict[str, Dict[int, int]] = {"query": {}, "kv": {}, "size": {}}
+    up: Dict[str, Dict[int, int]] = {"query": {}, "kv": {}, "size": {}, "groups": {}}
     n, k = f.num_units, kept
     if f.kind == "kv_groups":
         up["query"][n * rep] = k * rep
@@ -97,11 +99,15 @@ def _head_updates(f: Family, kept: int) -> Dict[int, int]:
         up["query"][n] = k
         up["kv"][n] = k
         up["size"][n * dh] = k * dh
+        # MQA: the family's n query heads all share one kv head that is not part of it, so
+        # "query heads per kv head" is n and becomes k (under MHA it is 1 and stays 1)
+        up["groups"][n] = k
     return up
 
 
 def _update_attrs(obj: Any, updates: Dict[str, Dict[int, int]], changed: Dict[str, int]) -> None:
-    for kind, names in (("query", _QUERY_HEAD_NAMES), ("kv", _KV_HEAD_NAMES), ("size", _SIZE_NAMES)):
+    for kind, names in (("query", _QUERY_HEAD_NAMES), ("kv", _KV_HEAD_NAMES), ("size", _SIZE_NAMES),
+                        ("groups", _GROUP_NAMES)):
         for name in names:
             v = getattr(obj, name, None)
             if isinstance(v, int) and not isinstance(v, bool) and v in updates[kind]:

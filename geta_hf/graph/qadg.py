@@ -19,7 +19,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -376,6 +376,12 @@ def build_qadg(model: nn.Module, example_inputs, cfg=None, *, min_units: Optiona
             m = Member(param=name, dim=dim, index=pos, role="in" if roles.get((name, dim)) else "out",
                        size=shape[dim], numel=numel)
             (consumers if m.role == "in" else members).append(m)
+        if bad is None and S.has_tag(c, "expand"):
+            # query heads sharing one key/value head (MQA): zero query rows give uniform
+            # attention over the shared values, not a zero output, so the unit's output
+            # columns must be zeroed (and scored) with it to make its contribution vanish
+            members += [replace(m, role="out") for m in consumers]
+            consumers = []
         if bad is None and not members:
             bad = "no parameter produces it"
         if bad is not None:
@@ -412,6 +418,11 @@ def build_qadg(model: nn.Module, example_inputs, cfg=None, *, min_units: Optiona
     if cfg is not None and cfg.unprunable_modules:
         qadg.mark_unprunable(list(cfg.unprunable_modules))
     if qadg.num_groups == 0:
+        if cfg is not None and cfg.target_group_sparsity == 0:
+            # quantization-only training needs no search space: say so, do not fail
+            logger.warning("build_qadg: %s has no prunable unit; fine for target_group_sparsity=0 "
+                           "(quantization only)", type(model).__name__)
+            return qadg
         raise GraphCaptureError(_empty_space_message(model, prop, qadg))
     return qadg
 
