@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..quant.functional import EPS, T_MIN
-from ..quant.layers import QuantLayerMixin
+from ..quant.layers import QuantLayerMixin, carry_over_hooks
 from ..quant.quantizer import GETAQuantizer
 from .bitpack import pack_codes, packed_nbytes, unpack_codes
 
@@ -81,7 +81,8 @@ class PackedQuantLinear(nn.Module):
         return self.codes().to(dtype) * self.weight_scale.to(dtype)
 
     def train(self, mode: bool = True):
-        self._cache = None
+        if mode:  # training may change the scales; eval() after it rebuilds the cache lazily
+            self._cache = None
         return super().train(mode)
 
     def _load_from_state_dict(self, *args, **kwargs):
@@ -137,4 +138,5 @@ def pack_layer(layer: nn.Module) -> PackedQuantLinear:
     if layer.bias is not None:
         packed.bias = nn.Parameter(layer.bias.detach().clone(), requires_grad=layer.bias.requires_grad)
     packed.train(layer.training)
+    carry_over_hooks(layer, packed)
     return packed

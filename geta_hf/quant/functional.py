@@ -34,6 +34,7 @@ __all__ = ["fake_quantize", "bit_width", "d_for_bits", "T_MIN", "EPS"]
 EPS = 1e-12
 #: Lower bound applied to the exponent ``t`` inside the quantizer (``t <= 0`` is meaningless).
 T_MIN = 1e-2
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
 # Smallest magnitude used inside ``log`` (x = 0 must give finite, zero gradients).
 _LOG_FLOOR = 1e-30
 
@@ -119,7 +120,13 @@ def fake_quantize(x: torch.Tensor, d: torch.Tensor, q_m: torch.Tensor,
 
     ``d``, ``q_m`` and ``t`` are 0-dim tensors (one per tensor quantized); ``t=None`` selects the
     linear quantizer. Differentiable in all four arguments (see module docstring).
+
+    float16/bfloat16 inputs are quantized in float32 and the result is cast back: with 8 or 11
+    mantissa bits, ``min(|x|, q_m)^t`` and ``u / d`` drift by several levels at the clip, which
+    would put codes outside the learned bit width (the packed model is computed in float32).
     """
+    if x.dtype in _LOW_PRECISION:
+        return _GETAFakeQuant.apply(x.float(), d, q_m, t).to(x.dtype)
     return _GETAFakeQuant.apply(x, d, q_m, t)
 
 

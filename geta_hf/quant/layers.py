@@ -15,7 +15,21 @@ from torch import nn
 
 from .quantizer import GETAQuantizer
 
-__all__ = ["QuantLayerMixin", "QuantLinear", "QuantConv1D", "is_quant_layer", "quant_layers"]
+__all__ = ["QuantLayerMixin", "QuantLinear", "QuantConv1D", "is_quant_layer", "quant_layers",
+           "carry_over_hooks"]
+
+# torch's per-module hook registries. A layer swapped for its quantized (or packed) form takes
+# them over, so hooks the user registered keep firing and their handles keep working.
+_HOOK_REGISTRIES = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+                    "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_backward_hooks",
+                    "_backward_pre_hooks")
+
+
+def carry_over_hooks(src: nn.Module, dst: nn.Module) -> None:
+    """Make ``dst`` (the module replacing ``src``) share ``src``'s forward/backward hooks."""
+    for name in _HOOK_REGISTRIES:
+        if hasattr(src, name):
+            setattr(dst, name, getattr(src, name))
 
 
 class QuantLayerMixin:
@@ -75,6 +89,7 @@ class QuantLinear(QuantLayerMixin, nn.Linear):
         new.bias = linear.bias
         new._init_quantizers(nonlinear, quantize_input)
         new.train(linear.training)
+        carry_over_hooks(linear, new)
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -110,6 +125,7 @@ def _make_quant_conv1d():
             new.bias = conv.bias
             new._init_quantizers(nonlinear, quantize_input)
             new.train(conv.training)
+            carry_over_hooks(conv, new)
             return new
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
