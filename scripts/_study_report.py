@@ -1,0 +1,344 @@
+"""Reporting for the joint-vs-sequential studies: aggregation over seeds, tables, the verdict,
+plots and the ``docs/results*.md`` pages, all computed from the stored run records."""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+from typing import Any, Callable, Dict, List, Mapping, Sequence, Tuple
+
+from _study_common import BIT_REDUCTION, METHODS, STAGES, Hyper, RunStore, Setting
+
+
+# ============================================================================ aggregation
+def aggregate(records: Sequence[Mapping[str, Any]], metrics: Sequence[str]) -> Dict[str, List[dict]]:
+    """``{dataset: [row summary, ...]}``: mean and spread over seeds for every row key."""
+    groups: Dict[Tuple[str, str], List[Tuple[int, dict, dict]]] = {}
+    order: Dict[Tuple[str, str], tuple] = {}
+    method_rank = {m: i for i, m in enumerate(METHODS)}
+    for rec in records:
+        for row in rec["rows"]:
+            key = (rec["dataset"], row["key"])
+            groups.setdefault(key, []).append((rec["seed"], row, rec))
+            # methods in METHODS order; the sequential fp32 rows before its quantized ones
+            order.setdefault(key, (method_rank.get(rec["method"], 99),
+                                   not row["key"].startswith("magprune"), row["sparsity"],
+                                   bool(row["act_bits"])))
+    out: Dict[str, List[dict]] = {}
+    numeric = ["relative_bops", "relative_params", "params", "size_bytes", "latency_ms",
+               "avg_linear_weight_bits", "avg_act_bits", "removed_units"]
+    for key in sorted(groups, key=lambda k: (k[0], order[k], k[1])):
+        items = groups[key]
+        first = items[0][1]
+        summary = {k: first[k] for k in ("key", "method", "label", "sparsity", "weight_bits",
+                                         "act_bits", "note")}
+        summary["seeds"] = sorted(s for s, _, _ in items)
+        summary["train_seconds"] = _mean([r.get("train_seconds", 0.0) for _, _, r in items])
+        for name in numeric:
+            summary[name] = _stat([row[name] for _, row, _ in items])
+        summary["metrics"] = {m: _stat([row["metrics"][m] for _, row, _ in items]) for m in metrics}
+        out.setdefault(key[0], []).append(summary)
+    return out
+
+
+def _mean(xs: Sequence[float]) -> float:
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def _stat(xs: Sequence[float]) -> Dict[str, float]:
+    xs = [float(x) for x in xs]
+    return {"mean": _mean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else 0.0, "n": len(xs)}
+
+
+def fmt_stat(s: Mapping[str, float], digits: int = 2) -> str:
+    if s["n"] > 1:
+        return f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f}"
+    return f"{s['mean']:.{digits}f}"
+
+
+def _bits_cell(row: Mapping[str, Any]) -> str:
+    if not row["weight_bits"]:
+        return "fp32"
+    cell = f"{row['avg_linear_weight_bits']['mean']:.2f}"
+    if row["act_bits"]:
+        cell += f" / {row['avg_act_bits']['mean']:.1f}"
+    return cell
+
+
+def table(rows: Sequence[Mapping[str, Any]], metrics: Sequence[str], metric_titles: Mapping[str, str]
+          ) -> str:
+    """The markdown results table of one dataset."""
+    head = (["method", "sparsity (units removed)", "bit target", "avg bits w / a"]
+            + [metric_titles.get(m, m) for m in metrics]
+            + ["rel. BOPs", "params", "size on disk", "CPU latency", "seeds"])
+    lines = ["| " + " | ".join(head) + " |",
+             "|" + "|".join(["---"] * 3 + ["---:"] * (len(head) - 3)) + "|"]
+    for r in rows:
+        sp = f"{r['sparsity']:g} ({r['removed_units']['mean']:.3f})" if r["sparsity"] else "0"
+        target = "fp32"
+        if r["weight_bits"]:
+            target = "w [{},{}]".format(*r["weight_bits"])
+            if r["act_bits"]:
+                target += ", a [{},{}]".format(*r["act_bits"])
+        cells = [r["label"], sp, target, _bits_cell(r)]
+        cells += [fmt_stat(r["metrics"][m]) for m in metrics]
+        cells += [fmt_stat(r["relative_bops"], 4), f"{r['params']['mean'] / 1e6:.2f}M",
+                  f"{r['size_bytes']['mean'] / 2**20:.1f} MiB",
+                  f"{fmt_stat(r['latency_ms'], 0)} ms", ",".join(str(s) for s in r["seeds"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# ============================================================================ the verdict
+def _better(a: float, b: float, higher: bool) -> bool:
+    return a > b if higher else a < b
+
+
+def _setting_of(row: Mapping[str, Any]) -> Setting:
+    return Setting(row["sparsity"], tuple(row["weight_bits"]) if row["weight_bits"] else None,
+                   tuple(row["act_bits"]) if row["act_bits"] else None)
+
+
+def verdict(rows: Sequence[Mapping[str, Any]], metric: str, title: str, higher: bool) -> List[str]:
+    """Plain statements, from the numbers, of how each GETA row fares against the sequential
+    baseline at the same sparsity and bit target (the better of its two clip variants), and
+    the rows on the metric-vs-BOPs Pareto front."""
+    lines = []
+    by_key = {r["key"]: r for r in rows}
+    sign = 1 if higher else -1
+    wins = losses = 0
+    for g in (r for r in rows if r["method"] == "geta"):
+        setting = _setting_of(g)
+        seqs = [by_key[k] for k in (f"seq-{setting.tag}-max", f"seq-{setting.tag}-mse")
+                if k in by_key]
+        if not seqs:
+            continue
+        best = max(seqs, key=lambda r: sign * r["metrics"][metric]["mean"])
+        gm, gb = g["metrics"][metric]["mean"], g["relative_bops"]["mean"]
+        sm, sb = best["metrics"][metric]["mean"], best["relative_bops"]["mean"]
+        won = _better(gm, sm, higher)
+        wins, losses = wins + won, losses + (not won)
+        lines.append(
+            f"- **sparsity {setting.sparsity:g}, {setting.bits_label}**: GETA {title} {gm:.2f} at "
+            f"{gb:.4f}x BOPs; best sequential ({best['label']}) {sm:.2f} at {sb:.4f}x BOPs. "
+            f"GETA is {'better' if won else '**not better**'}: {title} "
+            f"{'+' if gm >= sm else '-'}{abs(gm - sm):.2f}, at {gb / sb:.2f}x the baseline's BOPs.")
+    if wins and not losses:
+        lines.append(f"- Summary: GETA beats the sequential baseline in all {wins} matched "
+                     "setting(s) of this table.")
+    elif losses and not wins:
+        lines.append(f"- Summary: GETA does **not** beat the sequential baseline in any of the "
+                     f"{losses} matched setting(s) of this table.")
+    elif wins and losses:
+        lines.append(f"- Summary: GETA beats the sequential baseline in {wins} of "
+                     f"{wins + losses} matched settings and does **not** in {losses}.")
+    front = pareto(rows, metric, higher)
+    if front:
+        lines.append("- Pareto front (no other row has fewer BOPs and a better "
+                     f"{title}): " + "; ".join(
+                         f"{r['label']} `{r['key']}` ({r['metrics'][metric]['mean']:.2f} at "
+                         f"{r['relative_bops']['mean']:.4f}x)" for r in front) + ".")
+    return lines
+
+
+def pareto(rows: Sequence[Mapping[str, Any]], metric: str, higher: bool) -> List[Mapping[str, Any]]:
+    """The rows no other row dominates (BOPs no higher and the metric better, or BOPs lower
+    and the metric no worse), by increasing BOPs."""
+    def point(r):
+        return r["relative_bops"]["mean"], r["metrics"][metric]["mean"]
+
+    def dominates(a, b):
+        (ba, ma), (bb, mb) = point(a), point(b)
+        return (ba <= bb and _better(ma, mb, higher)) or (ba < bb and not _better(mb, ma, higher))
+
+    front = [r for r in rows if not any(dominates(o, r) for o in rows if o is not r)]
+    return sorted(front, key=lambda r: point(r)[0])
+
+
+# ============================================================================ plotting
+_STYLE = {"dense": ("k", "*"), "geta": ("tab:red", "o"), "qat": ("tab:purple", "^"),
+          "prune": ("tab:green", "s"), "sequential": ("tab:blue", "D")}
+
+
+def plot(per_dataset: Mapping[str, Sequence[Mapping[str, Any]]], metric: str, ylabel: str,
+         path: str, title: str, log_y: bool = False) -> str:
+    """``metric`` against relative BOPs (log x), one panel per dataset, error bars over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(per_dataset)
+    fig, axes = plt.subplots(1, n, figsize=(6.4 * n, 4.8), squeeze=False)
+    for ax, (dataset, rows) in zip(axes[0], per_dataset.items()):
+        seen = set()
+        for r in rows:
+            color, marker = _STYLE.get(r["method"], ("gray", "x"))
+            if r["key"].startswith("magprune"):
+                color, marker = "tab:cyan", "s"
+            label = r["label"] if r["label"] not in seen else None
+            seen.add(r["label"])
+            face = "none" if r["key"].endswith("-max") else color
+            ax.errorbar(r["relative_bops"]["mean"], r["metrics"][metric]["mean"],
+                        yerr=r["metrics"][metric]["std"] or None, fmt=marker, color=color,
+                        mfc=face, ms=8, capsize=3, label=label)
+            ax.annotate(r["key"], (r["relative_bops"]["mean"], r["metrics"][metric]["mean"]),
+                        fontsize=6, xytext=(4, 3), textcoords="offset points")
+        ax.set_xscale("log")
+        if log_y:
+            ax.set_yscale("log")
+        ax.set_xlabel("relative BOPs (dense fp32 = 1, log scale)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{title}: {dataset}")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# ============================================================================ results.md
+INDEX_INTRO = """# Joint GETA vs. sequential pruning-then-quantization: results
+
+Issue #9 asks whether GETA's joint structured pruning + mixed-precision QAT beats the obvious
+sequential pipeline (fine-tune, prune, fine-tune, quantize after training) when both get the same
+data and the same number of optimizer steps. The sections below are written by
+`scripts/study_qa.py` (MiniLM-L6 extractive QA) and `scripts/study_lm.py` (SmolLM2-135M causal
+LM) from the JSON records they keep under `docs/study-runs/`; every number is a measurement of
+a real run on this repository's 2-core CPU machine, and rerunning the commands shown regenerates
+them (finished runs are reused, so an interrupted study resumes).
+"""
+
+SECTIONS = ("results_qa.md", "results_lm.md")
+
+
+def write_index(out_dir: str) -> str:
+    """``results.md``: the intro followed by every section file present in ``out_dir``."""
+    parts = [INDEX_INTRO]
+    for name in SECTIONS:
+        p = os.path.join(out_dir, name)
+        if os.path.exists(p):
+            with open(p) as f:
+                parts.append(f.read().strip() + "\n")
+    path = os.path.join(out_dir, "results.md")
+    with open(path, "w") as f:
+        f.write("\n".join(parts))
+    return path
+
+
+METHOD_TEXT = """Methods (each gets the same {steps} optimizer steps, batch {batch}, learning rate
+{lr:g}, constant LR after a 10% warm-up, the same data and seed):
+
+- **dense fine-tuning (fp32)**: `transformers.Trainer`, the reference (relative BOPs 1).
+- **GETA joint**: `GETATrainer`, stages warm-up {warmup:.0%} / projection {projection:.0%} /
+  joint {joint:.0%} / cool-down; {pp} projection periods, {prp} pruning periods. Weight bits start
+  at 16 (at most) and the upper bound falls by {br} per projection period to the target's upper
+  bound (`weight_bits=(4, 16), bit_reduction={br}` for the target `w [4,8]`); activation bits use
+  the target range as given under the same schedule, so `a [8,16]` ends at 8 bits. The model is
+  compressed (`compress_model`: units removed, weights bit-packed) before it is measured.
+- **QAT only**: the same `GETATrainer` run with `target_group_sparsity=0`.
+- **pruning only (QASSO, fp32)**: `QASSO` (GETA's pruning stages and saliency scores) on the
+  model without quantizers, under the plain `Trainer`; then physically compressed.
+- **magnitude pruning + fine-tuning (fp32)** and **sequential, PTQ max / mse clip**: the
+  sequential baseline. The first {half} steps of the dense run (same schedule, same batches),
+  then the same number of units as GETA's target (`floor(sparsity x units)`, every family
+  keeping at least one unit) with the smallest RMS weight magnitude in the same QADG families
+  are zeroed, {rest} more fine-tuning steps keep them at zero (fresh optimizer, a new data
+  order), and the model is quantized after training to the per-layer weight (and input) bits
+  GETA learned at the same sparsity and target on the same seed, so BOPs match; weight clips
+  are `max|W|` ("max") or the MSE-optimal clip in [0.2, 1] x `max|W|` ("mse"), input ranges the
+  maximum of `|x|` on {calib} training batch(es). The fp32 model before quantization is measured
+  too (a second pruning-only baseline).
+
+Columns: "units removed" is the measured fraction of heads / kv-groups / MLP channels removed;
+"avg bits w / a" the parameter-weighted mean weight bits of the linear layers (which includes
+the task head) and the mean input bits; relative BOPs (`model_stats`: MACs x weight bits x
+input bits, attention products at 32 x 32, vs. the dense fp32 model) and parameters are
+counted on the evaluation batch shape given below; "size on disk" is the saved
+`model.safetensors` (bit-packed codes for compressed models; the embeddings stay fp32); CPU
+latency is the median of 5 forward passes (`geta_hf.tasks.latency`, {threads} thread(s)).
+Values are the mean (± sample standard deviation when more than one seed ran).
+"""
+
+
+def method_text(hp: Hyper, calib: int, records: Sequence[Mapping[str, Any]] = ()) -> str:
+    threads = sorted({str(r.get("environment", {}).get("threads", "?")) for r in records}) or ["?"]
+    return METHOD_TEXT.format(threads="/".join(threads),
+        steps=hp.steps, batch=hp.batch_size, lr=hp.learning_rate, warmup=STAGES["warmup"],
+        projection=STAGES["projection"], joint=STAGES["joint"], pp=STAGES["projection_periods"],
+        prp=STAGES["pruning_periods"], br=BIT_REDUCTION, half=hp.steps // 2,
+        rest=hp.steps - hp.steps // 2, calib=calib)
+
+
+def seeds_note(rows: Sequence[Mapping[str, Any]]) -> str:
+    """A caution when the table rests on one seed."""
+    if rows and max(len(r["seeds"]) for r in rows) > 1:
+        return ""
+    return ("One seed only: differences of a few points between rows may be run-to-run noise; "
+            "rerun with `--seeds 0,1,2` for means and spreads.")
+
+
+def run_time_text(records: Sequence[Mapping[str, Any]]) -> str:
+    """Total and per-dataset compute time of the stored runs."""
+    per: Dict[str, float] = {}
+    for r in records:
+        per[r["dataset"]] = per.get(r["dataset"], 0.0) + float(r["seconds"])
+    total = sum(per.values())
+    parts = ", ".join(f"{d} {s / 60:.1f} min" for d, s in per.items())
+    return f"{total / 60:.1f} min of runs in total ({parts})"
+
+
+def data_sizes(records: Sequence[Mapping[str, Any]], dataset: str) -> Dict[str, Any]:
+    """The data description stored with the runs of ``dataset`` (empty if none)."""
+    for r in records:
+        if r["dataset"] == dataset and r.get("data"):
+            return r["data"]
+    return {}
+
+
+def commands_text(records: Sequence[Mapping[str, Any]]) -> str:
+    cmds = list(dict.fromkeys(r["command"] for r in records))
+    return "\n".join(["```bash"] + cmds + ["```"])
+
+
+def finite_rows(records: Sequence[Mapping[str, Any]]) -> bool:
+    """True when every stored row has finite numbers (used by the tests)."""
+    for rec in records:
+        for row in rec["rows"]:
+            vals = list(row["metrics"].values()) + [row["relative_bops"], row["size_bytes"],
+                                                    row["latency_ms"], row["params"]]
+            if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in vals):
+                return False
+    return True
+
+
+def render_section(store: RunStore, study: str, *, heading: str, metrics: Sequence[str],
+                   metric_titles: Mapping[str, str], metric: str, metric_title: str, higher: bool,
+                   ylabel: str, plot_title: str, model_text: str, data_text: Callable[[str, Dict], str],
+                   hp: Hyper, calibration_batches: int, out_dir: str, log_y: bool = False) -> str:
+    """Write ``results_{study}.md`` and ``study_{study}.png`` from every stored run of ``study``,
+    then ``results.md``; returns the path of ``results.md``."""
+    records = store.records(study)
+    per = aggregate(records, metrics)
+    lines = [heading, ""]
+    if not per:
+        lines.append("No finished runs yet.")
+    else:
+        png = plot(per, metric, ylabel, os.path.join(out_dir, f"study_{study}.png"), plot_title,
+                   log_y=log_y)
+        lines += [f"Produced by (run time: {run_time_text(records)}, 2-core CPU):", "",
+                  commands_text(records), "", method_text(hp, calibration_batches, records),
+                  model_text, "", f"![{ylabel} vs relative BOPs]({os.path.basename(png)})", ""]
+        for dataset, rows in per.items():
+            lines += [f"### {dataset}", "", data_text(dataset, data_sizes(records, dataset)), "",
+                      table(rows, metrics, metric_titles), "", seeds_note(rows), "",
+                      "**Joint vs. sequential at matched settings** (computed from the table):", ""]
+            lines += (verdict(rows, metric, metric_title, higher)
+                      or ["- no matched GETA / sequential pair yet"])
+            lines.append("")
+    with open(os.path.join(out_dir, f"results_{study}.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return write_index(out_dir)

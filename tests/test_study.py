@@ -1,0 +1,122 @@
+"""The joint-vs-sequential studies (issue #9) run end to end in their ``--smoke`` configuration.
+
+Each test runs a script in a subprocess, exactly as a user would, into a temporary folder, then
+checks the per-run JSON records (every expected row, finite numbers, the sequential baseline
+quantized to GETA's learned bits) and the rendered markdown and plot.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SLICE = os.path.join(ROOT, "..", "shared", "data", "squad-v2-dev-slice.json")
+if not os.path.exists(SLICE):
+    SLICE = "/work/shared/data/squad-v2-dev-slice.json"
+
+QA_KEYS = {
+    "dense", "geta-s0.3-w4-8", "geta-s0.5-w4-8", "geta-s0.5-w4-8-a8-16", "qat-w4-8",
+    "qat-w4-8-a8-16", "prune-s0.3", "prune-s0.5", "magprune-s0.3", "magprune-s0.5",
+    "seq-s0.3-w4-8-max", "seq-s0.3-w4-8-mse", "seq-s0.5-w4-8-max", "seq-s0.5-w4-8-mse",
+    "seq-s0.5-w4-8-a8-16-max", "seq-s0.5-w4-8-a8-16-mse",
+}
+LM_KEYS = {"dense", "geta-s0.2-w4-8", "qat-w4-8", "prune-s0.2", "magprune-s0.2",
+           "seq-s0.2-w4-8-max", "seq-s0.2-w4-8-mse"}
+
+
+def _run(script, out, *extra):
+    # one thread: immune to the OpenMP slow-down when another job shares the two cores
+    cmd = [sys.executable, os.path.join(ROOT, "scripts", script), "--smoke", "--threads", "1",
+           "--out", str(out), "--work-dir", str(out / "work"), *extra]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return proc.stdout
+
+
+def _records(out, study):
+    base = out / "study-runs" / study
+    return [json.loads(p.read_text()) for p in sorted(base.rglob("*.json"))]
+
+
+def _rows(records):
+    return {row["key"]: row for rec in records for row in rec["rows"]}
+
+
+def _check_rows(rows, metric_ok):
+    for key, row in rows.items():
+        nums = [row["relative_bops"], row["relative_params"], row["size_bytes"], row["latency_ms"],
+                row["params"], *row["metrics"].values()]
+        assert all(isinstance(v, (int, float)) and math.isfinite(v) for v in nums), (key, row)
+        assert all(metric_ok(v) for v in row["metrics"].values()), (key, row["metrics"])
+        assert row["size_bytes"] > 0 and row["latency_ms"] > 0
+    assert rows["dense"]["relative_bops"] == 1.0
+    for key, row in rows.items():
+        if key != "dense":  # every other model is pruned and/or quantized
+            assert row["relative_bops"] < 1.0, key
+        if key.startswith(("prune-", "magprune-", "geta-", "seq-")):
+            assert row["removed_units"] > 0 and row["relative_params"] < 1.0, key
+
+
+def _check_sequential_used_geta_bits(records):
+    for rec in records:
+        if rec["method"] == "sequential":
+            for row in rec["rows"]:
+                if row["key"].startswith("seq-"):
+                    assert "GETA's per-layer bits" in row["note"], row
+            geta = {r["run"]: r for r in records if r["method"] == "geta"}
+            for key, used in rec["ptq_bits"].items():
+                source = geta["geta-" + key[len("seq-"):].rsplit("-", 1)[0]]["layer_bits"]
+                assert {n: b["weight"] for n, b in used.items()} == \
+                    {n: b["weight"] for n, b in source.items()}
+
+
+def test_study_qa_smoke(tmp_path):
+    stdout = _run("study_qa.py", tmp_path)
+    assert "study_qa finished" in stdout
+    records = _records(tmp_path, "qa")
+    assert {r["dataset"] for r in records} == {"generated"}
+    rows = _rows(records)
+    assert set(rows) == QA_KEYS
+    _check_rows(rows, lambda v: 0.0 <= v <= 100.0)
+    _check_sequential_used_geta_bits(records)
+    # same step budget: every training method ran the configured number of steps
+    assert {r["hyper"]["steps"] for r in records} == {6}
+    page = (tmp_path / "results.md").read_text()
+    section = (tmp_path / "results_qa.md").read_text()
+    assert section.strip() in page and "### generated" in section
+    for label in ("dense fine-tuning (fp32)", "GETA joint", "QAT only", "pruning only",
+                  "magnitude pruning + fine-tuning", "sequential, PTQ mse clip"):
+        assert label in section
+    assert "python scripts/study_qa.py" in section and "Joint vs. sequential" in section
+    assert (tmp_path / "study_qa.png").stat().st_size > 10_000
+
+
+def test_study_qa_smoke_on_real_squad_resumes(tmp_path):
+    assert os.path.exists(SLICE), f"the shared SQuAD slice is missing: {SLICE}"
+    args = ("--datasets", "squad", "--methods", "dense,prune", "--squad-file", SLICE)
+    _run("study_qa.py", tmp_path, *args)
+    records = _records(tmp_path, "qa")
+    assert {r["dataset"] for r in records} == {"squad"}
+    assert set(_rows(records)) == {"dense", "prune-s0.3", "prune-s0.5"}
+    _check_rows(_rows(records), lambda v: 0.0 <= v <= 100.0)
+    assert records[0]["data"]["eval_articles"]  # split by article
+    stdout = _run("study_qa.py", tmp_path, *args)  # a rerun reuses the finished runs
+    assert stdout.count("stored result reused") == 3
+    assert "### squad" in (tmp_path / "results.md").read_text()
+
+
+def test_study_lm_smoke(tmp_path):
+    stdout = _run("study_lm.py", tmp_path, "--squad-file", SLICE)
+    assert "study_lm finished" in stdout
+    records = _records(tmp_path, "lm")
+    rows = _rows(records)
+    assert set(rows) == LM_KEYS
+    _check_rows(rows, lambda v: v > 1.0)
+    _check_sequential_used_geta_bits(records)
+    section = (tmp_path / "results_lm.md").read_text()
+    assert "perplexity" in section and "python scripts/study_lm.py" in section
+    assert section.strip() in (tmp_path / "results.md").read_text()
+    assert (tmp_path / "study_lm.png").stat().st_size > 10_000
