@@ -616,6 +616,17 @@ class Runner:
         return desc + " (no GETA run to copy bits from)", {}
 
 
+def run_seeds(task: Task, hp: Hyper, seeds: Sequence[int], store: "RunStore", work_dir: str,
+              runs: Sequence[Run], rerun: bool, after_seed: Callable[[], Any]) -> None:
+    """Every planned run of ``task`` for each seed (stored results are reused unless ``rerun``);
+    ``after_seed()`` is called after each seed (the scripts re-render their page there)."""
+    for seed in seeds:
+        runner = Runner(task, hp, seed, store, work_dir)
+        for run in runs:
+            runner.run(run, rerun=rerun)
+        after_seed()
+
+
 # ============================================================================ result store
 class RunStore:
     """One JSON file per (study, dataset, seed, run), tagged with the hyper-parameter fingerprint."""

@@ -251,11 +251,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     task = LMTask(base, tok, train_text, eval_text, info, args.seq_len, args.batch_size,
                   args.eval_blocks, args.calibration_batches)
     sc.log(f"{task.dataset}: {task.sizes}")
-    for seed in [int(s) for s in sc.csv_list(args.seeds)]:
-        runner = sc.Runner(task, hp, seed, store, args.work_dir)
-        for run in runs:
-            runner.run(run, rerun=args.rerun)
-        render(store, hp, args)
+    sc.run_seeds(task, hp, [int(s) for s in sc.csv_list(args.seeds)], store, args.work_dir, runs,
+                 args.rerun, lambda: render(store, hp, args))
     page = render(store, hp, args)
     elapsed = time.perf_counter() - t0
     sc.log(f"study_lm finished in {elapsed / 60:.1f} min; results: {page}")

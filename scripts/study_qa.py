@@ -217,11 +217,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
         task = QATask(dataset, *examples, args.max_length, args.doc_stride, args.batch_size,
                       args.calibration_batches, args.stats_rows)
         sc.log(f"{dataset}: {task.sizes}")
-        for seed in seeds:
-            runner = sc.Runner(task, hp, seed, store, args.work_dir)
-            for run in runs:
-                runner.run(run, rerun=args.rerun)
-            render(store, hp, args)  # a page after every dataset and seed
+        sc.run_seeds(task, hp, seeds, store, args.work_dir, runs, args.rerun,
+                     lambda: render(store, hp, args))  # a page after every dataset and seed
     page = render(store, hp, args)
     elapsed = time.perf_counter() - t0
     sc.log(f"study_qa finished in {elapsed / 60:.1f} min; results: {page}")
