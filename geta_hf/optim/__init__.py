@@ -2,11 +2,16 @@
 
 Modules, one job each: :mod:`.schedule` (stage/period arithmetic), :mod:`.importance` (unit
 scores and selection), :mod:`.joint` (the §3.5 forget-rate / quant-step math), :mod:`.layout`
-(precomputed index tables), :mod:`.qasso` (the ``torch.optim.Optimizer``).
+(precomputed index tables), :mod:`.bits` (the quantizer scalars: projection, log-space steps,
+clip calibration, frozen bits), :mod:`.pruning` (units, periods, progressive forgetting),
+:mod:`.qasso` (the ``torch.optim.Optimizer`` that orchestrates them).
 """
 
-from .joint import ETA, SAFEGUARD, ZETA
+from .bits import BitController
+from .joint import ETA, FORGET_BUDGET, SAFEGUARD, ZETA
+from .pruning import PruningController
 from .qasso import QASSO, VARIANTS
 from .schedule import StagePlan
 
-__all__ = ["QASSO", "VARIANTS", "StagePlan", "ETA", "ZETA", "SAFEGUARD"]
+__all__ = ["QASSO", "VARIANTS", "StagePlan", "BitController", "PruningController", "ETA", "ZETA",
+           "SAFEGUARD", "FORGET_BUDGET"]

@@ -8,26 +8,26 @@ where ``Q_d(x) = C + d * r`` with ``C = sign(x) min(|x|, q_m)^t`` and
 ``r = sign(x) (round(u/d) - u/d)``. Quantities are vectors: one entry per family (``gamma``) or
 per *slot* (one quantized weight's redundant rows inside one family: its own ``d*``).
 
-Differences from the reference (all deliberate, GETA-METHOD §6.1):
+Deliberate differences from the paper (GETA-METHOD §6.1 and §7, measured in the README's
+"Deliberate differences"):
 
-* ``gamma`` is zero when ``||C|| < eps`` (not when the signed mean of ``C`` is small, §6.1.2),
-  and never above the linear-decay rate ``1 / (T - t_in)`` (the ``cos_C < 0`` formula diverges
-  as ``cos_C -> 0-``; a smaller ``gamma`` keeps every bound).
+* **Progressive forgetting.** ``gamma = 1 / (T - t_in)`` for every family with ``||C|| >= eps``:
+  the product of ``(1 - gamma)`` over the period reaches 0 exactly at its last step, so a unit's
+  norm falls linearly over the period instead of being hard-zeroed at its end. The paper's
+  ``cos_C < 0`` branch (``(1 - eta) lr ||g|| / (|cos_C| ||C||)``) gave ``gamma ~ 1e-4`` in 96%
+  of family-steps (§7.4): nothing was forgotten until the commit zeroed the unit in one step.
+* **The descent safeguard acts on the whole step.** The forget terms may use at most
+  ``FORGET_BUDGET`` of the dense step's descent ``lr ||g||^2`` over *all* trainable weights:
+  ``sum_f gamma_f max(0, -<g_f, F_f>) <= FORGET_BUDGET lr ||g||^2``, so
+  ``<g, -Delta> >= (1 - FORGET_BUDGET) lr ||g||^2 > 0`` for the step actually taken (with the
+  real forget vectors ``F = Q_{d*}(x)``). Where it binds, every opposing family's ``gamma`` is
+  scaled down by the same factor, and the linear rate catches up on later steps.
 * ``d*`` is computed **per quantized layer** from that layer's own ``<g_l, r_l>`` and
-  ``||g_l||^2`` and its own bounds ``[d(b_u_cur, q_m_l, t_l), d(b_l, q_m_l, t_l)]`` (§6.1.3).
-  Because ``sum_l ||g_l||^2 <= ||g||^2`` the family still satisfies the §3.5 bound
-  ``gamma * sum_l d*_l <g_l, r_l> >= -zeta * eta * lr * ||g||^2``. The 0.8 safeguard shrinks the
-  family's single ``gamma`` by the largest factor any of its layers needs, which keeps every
-  ``gamma * d*_l`` product (and so every bound) unchanged.
-* ``d*`` is written in the dot-product form ``zeta eta lr ||g_l||^2 / (gamma |<g_l, r_l>|)``, which
-  equals the paper's ``zeta eta lr ||g|| / (gamma |cos_r| ||r||)`` but stays exact when
-  ``||r|| < 1e-8`` (the cosine's ``max(||r||, 1e-8)`` would otherwise inflate ``d*``).
-* **Descent cap.** The residual ``r`` is measured at the current ``d``, but the step uses
-  ``Q_{d*}``, whose residual differs. After ``d*`` is fixed, ``A = <g, F>`` is computed with the
-  actual forget vector and, if ``A < 0``, ``gamma`` is capped at
-  ``(1 - eta (1 - zeta)) lr ||g||^2 / |A|``. This is exactly the §3.5 budget
-  (``(1 - eta) + zeta eta``), so the cap is inactive whenever the paper's derivation applies,
-  and ``<g, -Delta> >= eta (1 - zeta) lr ||g||^2`` then holds for the step actually taken.
+  ``||g_l||^2`` and its own bounds ``[d(b_u_cur), d(b_l)]`` (§6.1.3), in the dot-product form
+  ``zeta eta lr ||g_l||^2 / (gamma |<g_l, r_l>|)``, with the 0.8 safeguard of §3.5 (which shrinks
+  the family's ``gamma`` by the largest factor any of its layers needs). ``d*`` only sets the
+  grid of the forget term ``Q_{d*}(x)`` of the redundant rows; it is never written into the
+  layer's ``d``, so pruning a unit does not move the layer's bits (§7.1).
 """
 
 from __future__ import annotations
@@ -36,54 +36,36 @@ import math
 
 import torch
 
-__all__ = ["ETA", "ZETA", "SAFEGUARD", "C_ZERO_EPS", "forget_rate", "quant_steps",
-           "descent_cap", "descent_margin"]
+__all__ = ["ETA", "ZETA", "SAFEGUARD", "C_ZERO_EPS", "FORGET_BUDGET", "forget_rate",
+           "quant_steps", "descent_budget"]
 
-#: eta of §3.5: the forget term may use at most ``(1 - eta)`` of the descent ``lr ||g||^2``.
+#: eta of §3.5 (used in the ``d*`` formula ``zeta eta lr ||g||^2 / (gamma |<g, r>|)``).
 ETA = 0.999
-#: zeta of §3.5: the quantization-residual term may use at most ``zeta * eta`` of it.
+#: zeta of §3.5.
 ZETA = 0.9
 #: Safeguard factor of §3.5: while ``d* < d_lo``: ``gamma *= 0.8``, ``d* /= 0.8``.
 SAFEGUARD = 0.8
 #: ``||C||`` below this counts as a zero clip vector (gamma = 0, §6.1.2 fix).
 C_ZERO_EPS = 1e-8
-_COS_EPS = 1e-8
+#: Fraction of the dense step's descent ``lr ||g||^2`` that the forget terms may use up.
+FORGET_BUDGET = 0.5
 _MAX_SAFEGUARD = 1000.0
 
 
-def descent_margin() -> float:
-    """``eta * (1 - zeta)``: the guaranteed fraction of ``lr ||g||^2`` in ``<g, -Delta>``."""
-    return ETA * (1.0 - ZETA)
-
-
-def forget_rate(gC: torch.Tensor, CC: torch.Tensor, gg: torch.Tensor, lr: float,
-                remaining: torch.Tensor | float) -> torch.Tensor:
-    """Per-family forget rate ``gamma`` (§3.5).
+def forget_rate(CC: torch.Tensor, remaining: torch.Tensor | float) -> torch.Tensor:
+    """Per-family forget rate: ``1 / (T - t_in)``, or 0 where ``||C|| < eps``.
 
     Args:
-        gC, CC, gg: ``<g, C>``, ``||C||^2``, ``||g||^2`` over each family's redundant slices.
-        lr: the weight learning rate of this step.
+        CC: ``||C||^2`` over each family's redundant slices.
         remaining: ``T - t_in`` (steps left in the period, including this one).
-
-    ``cos_C >= 0`` gives ``1 / (T - t_in)`` (linear decay to exactly 0 at the period's end);
-    ``cos_C < 0`` gives ``(1 - eta) lr ||g|| / (|cos_C| ||C||)``, at most ``1 / (T - t_in)``;
-    ``||C|| < eps`` or a non-finite cosine gives 0.
     """
-    norm_c = CC.clamp_min(0).sqrt()
-    norm_g = gg.clamp_min(0).sqrt()
-    cos = gC / (norm_c.clamp_min(_COS_EPS) * norm_g)
-    pos = torch.ones_like(cos) / remaining
-    # capped at the linear-decay rate: as cos_C -> 0- the §3.5 formula diverges and would
-    # overshoot the unit past zero (gamma > 1); a smaller gamma only shrinks the negative term
-    neg = torch.minimum((1.0 - ETA) * lr * norm_g / (cos.abs() * norm_c), pos)
-    gamma = torch.where(cos >= 0, pos, neg)
-    ok = torch.isfinite(cos) & (norm_c >= C_ZERO_EPS) & torch.isfinite(gamma)
-    return torch.where(ok, gamma, torch.zeros_like(gamma))
+    rate = torch.full_like(CC, 1.0) / remaining
+    return torch.where(CC.clamp_min(0).sqrt() >= C_ZERO_EPS, rate, torch.zeros_like(rate))
 
 
 def quant_steps(gr: torch.Tensor, gg_slot: torch.Tensor, gamma: torch.Tensor,
                 slot_family: torch.Tensor, lr: float, d_lo: torch.Tensor, d_up: torch.Tensor):
-    """Per-layer quantization step ``d*`` with the 0.8 safeguard (§3.5, per layer: §6.1.3).
+    """Per-layer quantization step ``d*`` of the forget term, with the 0.8 safeguard (§3.5).
 
     Args:
         gr: ``<g_l, r_l>`` per slot; gg_slot: ``||g_l||^2`` per slot.
@@ -117,12 +99,18 @@ def quant_steps(gr: torch.Tensor, gg_slot: torch.Tensor, gamma: torch.Tensor,
     return torch.minimum(d_star, d_up), gamma
 
 
-def descent_cap(gamma: torch.Tensor, gF: torch.Tensor, gg: torch.Tensor, lr: float) -> torch.Tensor:
-    """Cap ``gamma`` so that ``lr ||g||^2 + gamma <g, F> >= eta (1 - zeta) lr ||g||^2``.
+def descent_budget(gamma: torch.Tensor, gF: torch.Tensor, descent: torch.Tensor,
+                   budget: float = FORGET_BUDGET):
+    """Scale the opposing families' ``gamma`` so the forget terms use at most ``budget`` of
+    the dense step's descent.
 
-    ``gF = <g, F>`` with the forget vector ``F`` actually applied (``Q_{d*}(x)`` or ``x``).
+    Args:
+        gamma: per-family forget rate; gF: ``<g, F>`` per family with the forget vector
+            actually applied; descent: ``lr ||g||^2`` of the whole dense step.
+
+    Returns ``(gamma, bound)``: the scaled rates and whether the budget was binding (0-dim bool).
     """
-    budget = (1.0 - descent_margin()) * lr * gg
-    cap = budget / gF.abs()
-    capped = torch.minimum(gamma, cap)
-    return torch.where((gF < 0) & torch.isfinite(cap), capped, gamma)
+    cost = (gamma * (-gF).clamp_min(0)).sum()
+    scale = torch.where(cost > budget * descent, budget * descent / cost, torch.ones_like(cost))
+    scale = torch.nan_to_num(scale, nan=0.0)
+    return torch.where(gF < 0, gamma * scale, gamma), scale < 1

@@ -38,9 +38,12 @@ class QuantTable:
         self.layer_names: List[str] = []
         self.kinds: List[str] = []
         self.weight_numel: List[int] = []
+        #: the weight tensor of each weight quantizer (same order)
+        self.weights: List[torch.Tensor] = []
         quantizers = []
         for name, layer in layers:
             quantizers.append(layer.weight_quantizer)
+            self.weights.append(layer.weight)
             self.layer_names.append(name)
             self.kinds.append("weight")
             self.weight_numel.append(layer.weight.numel())

@@ -7,20 +7,17 @@
    is not a quantizer scalar, learning rate ``lr``) and ``"quant"`` (``d``, ``q_m``, ``t`` of all
    weight *and* input quantizers, learning rate ``quant_lr``, no weight decay) - in every stage,
    so input quantizers are trained with ``quant_lr`` throughout (fixes §6.1.4);
-2. applies GETA's stage logic under ``torch.no_grad()`` with index tensors built in ``__init__``
-   (or once per pruning period), never by matching parameter names:
+2. applies GETA's stage logic under ``torch.no_grad()`` through two controllers with one job
+   each, using index tensors built in ``__init__`` (or once per pruning period), never by
+   matching parameter names:
 
-   * warm-up: nothing else;
-   * projection: clamp every quantizer's ``d`` into ``[d(b_u_cur), d(b_l)]`` of its own layer
-     (weights with ``cfg.weight_bits``, inputs with ``cfg.activation_bits``, §3.2);
-   * joint: at the first step of each pruning period score all units (§3.3) and choose the
-     period's redundant units; on their rows take the joint step of §3.5 (see
-     :mod:`geta_hf.optim.joint`) and give each touched quantized layer its own ``d*``; project
-     every other quantizer; after the period's last step commit the units (hard zero);
-   * cool-down: at its first step freeze ``bits = clamp(round(b), b_l, b_u_cur)`` per quantizer,
-     then keep ``d = d(bits, q_m, t)`` exact after every step;
-
-   and in every stage it re-zeroes the slices of committed units.
+   * :class:`~geta_hf.optim.bits.BitController` - the quantizer scalars: log-space (scale-aware)
+     steps of clip and step size, the bit-range projection in the projection and joint stages,
+     MSE clip calibration when the bit bound changes, frozen integer bits in cool-down;
+   * :class:`~geta_hf.optim.pruning.PruningController` - the units: at the first step of each
+     pruning period score all units (§3.3) and choose the period's redundant units, forget them
+     progressively (:mod:`geta_hf.optim.joint`), commit them after the period's last step, and
+     re-zero the slices of committed units in every stage.
 
 **The gradient variant ``g``** (§3.1) on the redundant rows is read from the parameter
 displacement of the dense step: ``g = (x_before - x_after) / lr``. That is exactly the direction
@@ -54,11 +51,10 @@ from torch import nn
 
 from ..config import GETAConfig
 from ..graph.qadg import QADG
-from ..quant.functional import EPS, T_MIN
 from ..quant.layers import quant_layers
-from .importance import UnitStats, importance_scores, kept_floor, select_units
-from .joint import descent_cap, forget_rate, quant_steps
-from .layout import ActiveLayout, MemberRef, QuantTable, denominators
+from .bits import BitController
+from .layout import QuantTable
+from .pruning import PruningController
 from .schedule import StagePlan
 
 __all__ = ["QASSO", "VARIANTS"]
@@ -67,8 +63,7 @@ logger = logging.getLogger(__name__)
 
 #: Supported dense-update variants (GETA-METHOD §3.1).
 VARIANTS = ("adamw", "adam", "sgd")
-_STATE_FORMAT = "geta_hf.QASSO/1"
-_LOG_FLOOR = 1e-30  # as in geta_hf.quant.functional: min(|x|, q_m) is floored before log
+_STATE_FORMAT = "geta_hf.QASSO/2"
 
 
 def _is_real(v) -> bool:
@@ -167,7 +162,6 @@ class QASSO(torch.optim.Optimizer):
         self._check_quantizers(layers, cfg)
         self._quant = QuantTable(layers)
         named = dict(model.named_parameters())
-        self._members = self._resolve_members(model, qadg, named)
 
         # ---- the dense optimizer: torch's own, on two groups sharing dicts with this object
         quant_ids = {id(p) for p in self._quant.params}
@@ -194,34 +188,14 @@ class QASSO(torch.optim.Optimizer):
         self.state = inner.state
         self._ready = True
 
-        # ---- schedule and unit tables
+        # ---- schedule and the two controllers
+        self._weights = weights
         self._plan = StagePlan.from_config(cfg, total_steps, qadg.num_groups)
-        fams = qadg.families
-        self._num_units = [f.num_units for f in fams]
-        self._offsets = [f.offset for f in fams]
-        self._floors = [kept_floor(f.num_units, max(f.min_units, cfg.min_units_per_family),
-                                   cfg.group_divisible) for f in fams]
-        dev = self._member_device()
-        self._family_of_unit = torch.repeat_interleave(
-            torch.arange(len(fams)), torch.tensor(self._num_units, dtype=torch.long))
-        self._unit_numel = torch.repeat_interleave(
-            torch.tensor([float(f.group_params_per_unit) for f in fams]),
-            torch.tensor(self._num_units, dtype=torch.long)).to(dev)
-        self._member_params = list({id(m.param): m.param for m in self._members}.values())
+        self._units = PruningController(model, qadg, cfg, self._plan, named)
+        self._bits = BitController(self._quant, self._plan)
         self._check_budget()
-
-        # ---- mutable state (all of it is in state_dict()["qasso"])
         self._step = 0
-        self._period = -1
-        self._pruned = torch.zeros(qadg.num_groups, dtype=torch.bool)
-        self._active: List[int] = []
-        self._layout: Optional[ActiveLayout] = None
-        self._pruned_rows: List[tuple] = []
-        self._frozen_bits: Optional[torch.Tensor] = None
-        self._frozen_den: Optional[torch.Tensor] = None
-        self._den_cache: Dict[tuple, tuple] = {}
         self._warned_past_end = False
-        self._achieved: Optional[int] = None
         self._skipped = 0
 
     # ================================================================== set-up helpers
@@ -243,45 +217,10 @@ class QASSO(torch.optim.Optimizer):
         if not layers:
             logger.info("QASSO: the model has no quantized layer: pruning only")
 
-    def _resolve_members(self, model: nn.Module, qadg: QADG, named) -> List[MemberRef]:
-        # weight quantizer i of the QuantTable belongs to the i-th quantized layer
-        layer_of_weight = {id(layer.weight): i for i, (_, layer) in enumerate(quant_layers(model))}
-        refs: List[MemberRef] = []
-        seen_quant: Dict[int, str] = {}
-        for fi, f in enumerate(qadg.families):
-            for m in f.members:
-                p = named.get(m.param)
-                if p is None:
-                    raise ValueError(
-                        f"QASSO: qadg does not match the model: family {f.name!r} refers to "
-                        f"parameter {m.param!r}, which {type(model).__name__} does not have; "
-                        "build the QADG from this model with geta_hf.build_qadg(model, inputs)")
-                if p.dim() <= m.dim or p.shape[m.dim] != m.size or p.numel() != m.numel \
-                        or int(m.index.max()) >= p.shape[m.dim]:
-                    raise ValueError(
-                        f"QASSO: qadg does not match the model: parameter {m.param!r} has shape "
-                        f"{tuple(p.shape)}, the QADG expects {m.size} entries along dim {m.dim} "
-                        f"and {m.numel} elements; rebuild the QADG from this model")
-                qidx = layer_of_weight.get(id(p), -1)
-                if qidx >= 0:
-                    if id(p) in seen_quant:
-                        raise ValueError(
-                            f"QASSO: qadg lists the quantized weight {m.param!r} as a group member "
-                            f"twice ({seen_quant[id(p)]} and {f.name}); one quantized weight can "
-                            "belong to one family only")
-                    seen_quant[id(p)] = f.name
-                refs.append(MemberRef(family=fi, param=p, dim=m.dim,
-                                      index=m.index.to(device=p.device, dtype=torch.long),
-                                      qidx=qidx))
-        return refs
-
-    def _member_device(self) -> torch.device:
-        return self._members[0].param.device if self._members else torch.device("cpu")
-
     def _check_budget(self) -> None:
         plan = self._plan
         K = plan.target
-        most = sum(max(0, n - fl) for n, fl in zip(self._num_units, self._floors))
+        most = self._units.max_prunable()
         if K > most:
             logger.warning(
                 "QASSO: target_group_sparsity=%s asks for K=%d of %d units, but min_units/"
@@ -326,12 +265,12 @@ class QASSO(torch.optim.Optimizer):
     @property
     def pruned_units(self) -> List[int]:
         """Global ids of committed (hard-zeroed) units."""
-        return torch.nonzero(self._pruned).reshape(-1).tolist()
+        return torch.nonzero(self._units.pruned).reshape(-1).tolist()
 
     @property
     def active_units(self) -> List[int]:
         """Global ids of this period's redundant units (being forgotten, not yet committed)."""
-        return list(self._active)
+        return list(self._units.active)
 
     @property
     def target_units(self) -> int:
@@ -342,7 +281,7 @@ class QASSO(torch.optim.Optimizer):
     def achieved_units(self) -> Optional[int]:
         """Units the run prunes in total (known once the last pruning period has selected; below
         ``target_units`` only when ``min_units``/``group_divisible`` forbid more, which is logged)."""
-        return self._achieved
+        return self._units.achieved
 
     # ================================================================== the step
     @torch.no_grad()
@@ -352,8 +291,7 @@ class QASSO(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        k = self._step
-        plan = self._plan
+        k, plan, units, bits = self._step, self._plan, self._units, self._bits
         if k >= plan.total_steps and not self._warned_past_end:
             logger.warning("QASSO: step %d is past total_steps=%d; staying in cool-down", k + 1,
                            plan.total_steps)
@@ -363,41 +301,50 @@ class QASSO(torch.optim.Optimizer):
         if self.skip_nonfinite and not self._grads_finite():
             self._skip_step(k, stage)
             return loss
-        if stage == "cooldown" and self._frozen_bits is None and len(self._quant):
-            self._freeze_bits(k)
+        if stage == "cooldown" and bits.frozen_bits is None and len(bits):
+            bits.freeze(k)
 
         joint = stage == "joint"
-        new_period = snapshot = x_prev = d_prev = None
+        new_period = snapshot = x_prev = d_prev = w_prev = None
         t_in = T = 0
         if joint:
             p, t_in, T = plan.pruning_position(k)
-            if p != self._period:
+            if p != units.period:
                 new_period = p
-                if self._period_budget(p) > 0:  # x before the dense step, for scores and rows
-                    snapshot = {id(q): q.detach().clone() for q in self._member_params}
-            elif self._layout is not None and lr > 0:
-                x_prev = self._layout.gather()
-            if lr > 0 and len(self._quant) and (new_period is not None or self._layout is not None):
-                d_prev = torch.stack(self._quant.d).detach()
+                if units.period_budget(p) > 0:  # x before the dense step, for scores and rows
+                    snapshot = units.snapshot()
+            elif units.layout is not None and lr > 0:
+                x_prev = units.layout.gather()
+            if lr > 0 and (snapshot is not None or units.layout is not None):
+                w_prev = torch._foreach_mul(self._weights, 1.0)  # for the whole step's descent
+                if len(bits):
+                    d_prev = torch.stack(self._quant.d).detach()
 
+        logged = bits.to_log_space()
         self._inner.step()
+        bits.from_log_space(logged)
 
         if new_period is not None:
-            self._start_period(new_period, snapshot, lr)
-            if self._layout is not None and lr > 0:
-                x_prev = self._layout.gather(snapshot)
+            units.start_period(new_period, snapshot, lr)
+            if units.layout is not None and lr > 0:
+                x_prev = units.layout.gather(snapshot)
             snapshot = None
-        if joint and self._layout is not None and lr > 0:
-            self._joint_update(x_prev, d_prev, lr, T - t_in, k)  # also projects the others
-        elif stage in ("projection", "joint") and len(self._quant):
-            self._project(k)
-        elif stage == "cooldown" and self._frozen_bits is not None:
-            self._apply_frozen_bits()
+        bits.after_step(k, stage)
+        units.zero_pruned()  # committed units do not move: their rows are not in the descent
+        if joint and units.layout is not None and lr > 0:
+            bounds = bits.d_bounds(k) if len(bits) else None
+            units.joint_update(x_prev, d_prev, self._quant, bounds, lr, T - t_in,
+                               self._descent(w_prev, lr))
         if joint and t_in == T - 1:
-            self._commit()
-        self._zero_pruned()
+            units.commit()
+            units.zero_pruned()
         self._step += 1
         return loss
+
+    def _descent(self, w_prev: List[torch.Tensor], lr: float) -> torch.Tensor:
+        """``lr ||g||^2`` of the dense step over all trainable weights (``g`` = its direction)."""
+        diff = torch._foreach_sub(w_prev, self._weights)
+        return torch.stack(torch._foreach_norm(diff)).float().square().sum() / lr
 
     def _grads_finite(self) -> bool:
         """Whether every gradient is finite, from one sum per tensor and one host sync.
@@ -417,234 +364,18 @@ class QASSO(torch.optim.Optimizer):
         logger.warning("QASSO: step %d has a NaN or Inf gradient and is skipped (weights, "
                        "quantizers and optimizer state unchanged; %d skipped so far)", k + 1,
                        self._skipped)
-        if stage == "cooldown" and self._frozen_bits is None and len(self._quant):
-            self._freeze_bits(k)
-            self._apply_frozen_bits()
+        units, bits = self._units, self._bits
+        if stage == "cooldown" and bits.frozen_bits is None and len(bits):
+            bits.freeze(k)
+            bits.apply_frozen()
         elif stage == "joint":
             p, t_in, T = self._plan.pruning_position(k)
             if t_in == T - 1:  # the period ends here: it must still commit its units
-                if p != self._period:  # ... even if it never had a finite step to start on
-                    self._start_period(p, None, 0.0)
-                self._commit()
-                self._zero_pruned()
+                if p != units.period:  # ... even if it never had a finite step to start on
+                    units.start_period(p, None, 0.0)
+                units.commit()
+                units.zero_pruned()
         self._step += 1
-
-    # ================================================================== stage operations
-    def _dens(self, k: int):
-        """``(2^(b_u_cur-1) - 1, 2^(b_l-1) - 1)`` per quantizer at step ``k`` (cached)."""
-        plan = self._plan
-        bu_w, bu_a = plan.weight_upper(k), plan.act_upper(k)
-        key = (bu_w, bu_a)
-        if key not in self._den_cache:
-            q = self._quant
-            hi = [bu_w] * q.n_weight + [bu_a] * q.n_act
-            lo = [plan.weight_bits[0]] * q.n_weight + \
-                 ([plan.act_bits[0]] * q.n_act if q.n_act else [])
-            self._den_cache[key] = (denominators(hi, q.device), denominators(lo, q.device))
-        return self._den_cache[key]
-
-    def _project(self, k: int) -> None:
-        """Partial projection (§3.2): ``d <- clip(d, d(b_u_cur), d(b_l))`` for every quantizer."""
-        den_hi, den_lo = self._dens(k)
-        d, q_m, t = self._quant.stacked()
-        top = self._quant.top(q_m, t)
-        self._quant.write_d(torch.minimum(torch.maximum(d, top / den_hi), top / den_lo))
-
-    def _freeze_bits(self, k: int) -> None:
-        """Cool-down: ``bits = clamp(round(b(d, q_m, t)), b_l, b_u_cur)`` per quantizer."""
-        plan = self._plan
-        q = self._quant
-        hi = torch.tensor([plan.weight_upper(k)] * q.n_weight + [plan.act_upper(k)] * q.n_act,
-                          dtype=torch.float32, device=q.device)
-        lo = torch.tensor([plan.weight_bits[0]] * q.n_weight +
-                          ([plan.act_bits[0]] * q.n_act if q.n_act else []),
-                          dtype=torch.float32, device=q.device)
-        bits = q.bits().float()
-        bits = torch.where(torch.isfinite(bits), bits, hi)  # a degenerate quantizer: keep b_u
-        self._set_frozen(torch.minimum(torch.maximum(torch.round(bits), lo), hi))
-
-    def _set_frozen(self, bits: Optional[torch.Tensor]) -> None:
-        self._frozen_bits = bits
-        self._frozen_den = None if bits is None else torch.exp2(bits - 1.0) - 1.0
-
-    def _apply_frozen_bits(self) -> None:
-        """``d = d(bits, q_m, t)`` with the frozen integer bits (after the dense step)."""
-        _, q_m, t = self._quant.stacked()
-        self._quant.write_d(self._quant.top(q_m, t) / self._frozen_den)
-
-    # ------------------------------------------------------------------ pruning periods
-    def _unit_stats(self, snapshot: Optional[Dict[int, torch.Tensor]], lr: float) -> UnitStats:
-        """Per-unit ``||x||^2``, ``||g||^2``, ``<x, g>`` with pre-step ``x`` and the step's ``g``.
-
-        ``snapshot=None``: no usable gradient (a skipped step): current ``x`` and ``g = 0``."""
-        n = self.qadg.num_groups
-        dev = self._member_device()
-        sq_x = torch.zeros(n, device=dev)
-        sq_g = torch.zeros(n, device=dev)
-        dot = torch.zeros(n, device=dev)
-        for m in self._members:
-            off = self._offsets[m.family]
-            units = self._num_units[m.family]
-            x = m.unit_view(m.param.detach() if snapshot is None else snapshot[id(m.param)]).float()
-            if snapshot is None:
-                g = torch.zeros_like(x)
-            elif lr > 0:
-                g = (x - m.unit_view(m.param.detach()).float()) / lr
-            elif m.param.grad is not None:
-                g = m.unit_view(m.param.grad).float()
-            else:
-                g = torch.zeros_like(x)
-            sq_x[off:off + units] += x.square().sum(1)
-            sq_g[off:off + units] += g.square().sum(1)
-            dot[off:off + units] += (x * g).sum(1)
-        return UnitStats(sq_x=sq_x, sq_g=sq_g, dot=dot, numel=self._unit_numel)
-
-    def _period_budget(self, p: int) -> int:
-        """Units period ``p`` should select: its cumulative target minus the committed units."""
-        return self._plan.cumulative_target(p) - int(self._pruned.sum())
-
-    def _start_period(self, p: int, snapshot: Optional[Dict[int, torch.Tensor]], lr: float) -> None:
-        """Score the units and choose pruning period ``p``'s redundant set (§3.3)."""
-        self._period = p
-        plan = self._plan
-        n_pruned = int(self._pruned.sum())
-        budget = self._period_budget(p)
-        chosen: List[int] = []
-        if budget > 0:
-            scores = importance_scores(self._unit_stats(snapshot, lr), self.cfg.importance_weights)
-            pruned_per_family = torch.zeros(len(self._num_units), dtype=torch.long).index_add_(
-                0, self._family_of_unit, self._pruned.long())
-            kept = [n - int(c) for n, c in zip(self._num_units, pruned_per_family)]
-            chosen = select_units(scores.cpu(), ~self._pruned, self._family_of_unit,
-                                  self._num_units, kept, self._floors, self.cfg.group_divisible,
-                                  budget)
-        if p == plan.pruning_periods - 1:
-            achieved = n_pruned + len(chosen)
-            self._achieved = achieved
-            if achieved < plan.target:
-                logger.warning("QASSO: pruned %d of the K=%d units asked for: min_units/"
-                               "group_divisible leave no more prunable units", achieved,
-                               plan.target)
-        self._set_active(chosen)
-
-    def _set_active(self, ids: Sequence[int]) -> None:
-        self._active = sorted(int(i) for i in ids)
-        if not self._active:
-            self._layout = None
-            return
-        dev = self._member_device()
-        ids_t = torch.tensor(self._active, dtype=torch.long)
-        fam = self._family_of_unit[ids_t]
-        active = {}
-        for f in fam.unique().tolist():
-            local = ids_t[fam == f] - self._offsets[f]
-            active[f] = local.to(dev)
-        self._layout = ActiveLayout(self._members, active)
-
-    def _commit(self) -> None:
-        """End of a pruning period: the active units become pruned (hard zero from now on)."""
-        if self._active:
-            self._pruned[torch.tensor(self._active, dtype=torch.long)] = True
-            self._rebuild_pruned_rows()
-        self._set_active([])
-
-    def _rebuild_pruned_rows(self) -> None:
-        ids = torch.nonzero(self._pruned).reshape(-1)
-        rows = []
-        if ids.numel():
-            fam = self._family_of_unit[ids]
-            for m in self._members:
-                local = ids[fam == m.family] - self._offsets[m.family]
-                if local.numel():
-                    rows.append((m.param, m.dim, m.rows(local.to(m.index.device))))
-        self._pruned_rows = rows
-
-    def _zero_pruned(self) -> None:
-        for p, dim, rows in self._pruned_rows:
-            p.index_fill_(dim, rows, 0.0)
-
-    # ------------------------------------------------------------------ the joint update
-    def _joint_update(self, x_prev: List[torch.Tensor], d_prev: Optional[torch.Tensor],
-                      lr: float, remaining: int, k: int) -> None:
-        """§3.4-3.5 on this period's redundant rows; projection of every other quantizer.
-
-        ``x_prev``: each slot's rows before the dense step; ``d_prev``: every quantizer's ``d``
-        before the dense step (the residual ``r`` is measured on that grid). ``q_m`` and ``t``
-        are the values after the dense step (the reference also steps them first).
-
-        Per slot (one member of one active family) the work is a few passes over its rows with
-        0-dim scalars; reductions are ``dot`` products of the displacement ``lr g = x_before -
-        x_after`` (``1/lr`` is folded into the scalars). With ``c = C = sign(x) min(|x|,
-        q_m)^t``: ``r = round(c/d) - c/d`` and ``Q_d(x) = d round(c/d)`` (round is odd).
-        """
-        L = self._layout
-        x_dense = L.gather()
-        n_slots, SQ = len(L.slots), L.n_quant_slots
-        quant = self._quant
-        d_new = lo = up = None
-        if len(quant):
-            den_hi, den_lo = self._dens(k)
-            d_now, q_m, t = quant.stacked()
-            top = quant.top(q_m, t)
-            lo, up = top / den_hi, top / den_lo
-            d_new = torch.minimum(torch.maximum(d_now, lo), up)  # projection of every quantizer
-        if SQ:
-            sq = L.slot_q
-            qm_s = q_m.abs()[sq]
-            t_s = None if t is None else t.clamp_min(T_MIN)[sq]
-            d0_s = d_prev.clamp_min(EPS)[sq]
-        disp, clip, dots = [], [], []  # dots per slot: <lr g, C>, ||C||^2, ||lr g||^2, <lr g, r>
-        for i in range(n_slots):
-            xp = x_prev[i]
-            dd = torch.sub(xp, x_dense[i])  # lr * g
-            if i < SQ:
-                if t_s is None:  # C = clamp(x, -q_m, q_m)
-                    c = torch.maximum(torch.minimum(xp, qm_s[i]), -qm_s[i])
-                else:  # C = sign(x) min(|x|, q_m)^t, as in the quantizer's forward (§1.1)
-                    c = torch.minimum(xp.abs(), qm_s[i]).clamp_min_(_LOG_FLOOR).log_()
-                    c.mul_(t_s[i]).exp_().copysign_(xp)
-                z = c / d0_s[i]
-                resid = torch.round(z).sub_(z)  # r at the current d (§3.5)
-                dots.append(torch.stack([torch.dot(dd, c), torch.dot(c, c), torch.dot(dd, dd),
-                                         torch.dot(dd, resid)]))
-                clip.append(c)
-            else:  # not a quantized weight: C = x, r = 0, and the forget term is x itself
-                zero = torch.zeros((), dtype=dd.dtype, device=dd.device)
-                dots.append(torch.stack([torch.dot(dd, xp), torch.dot(xp, xp), torch.dot(dd, dd),
-                                         zero]))
-                clip.append(xp)
-            disp.append(dd)
-        scale = torch.tensor([1.0 / lr, 1.0, 1.0 / (lr * lr), 1.0 / lr], dtype=torch.float32,
-                             device=x_dense[0].device)
-        dots = torch.stack(dots) * scale  # (slots, 4): <g, C>, ||C||^2, ||g||^2, <g, r>
-        fam = torch.zeros(len(L.families), 3, dtype=dots.dtype, device=dots.device).index_add_(
-            0, L.slot_family, dots[:, :3])
-        gamma = forget_rate(fam[:, 0], fam[:, 1], fam[:, 2], lr, remaining)
-        if SQ:
-            d_star, gamma = quant_steps(dots[:SQ, 3], dots[:SQ, 2], gamma, L.slot_family[:SQ], lr,
-                                        lo[sq], up[sq])
-            # one d* per quantized layer, inside that layer's own bit range (§6.1.3)
-            d_star = torch.minimum(torch.maximum(d_star, lo[sq]), up[sq])
-            d_new = d_new.index_copy(0, sq, d_star)
-            d_star = d_star.clamp_min(EPS)
-        forget, gF = [], []
-        for i in range(n_slots):
-            if i < SQ:  # Q_{d*}(x) = d* round(C / d*)
-                q = torch.div(clip[i], d_star[i]).round_().mul_(d_star[i])
-                gF.append(torch.dot(disp[i], q))
-                forget.append(q)
-            else:
-                gF.append(dots[i, 0] * lr)
-                forget.append(x_prev[i])
-        gF = torch.zeros_like(gamma).index_add_(0, L.slot_family, torch.stack(gF) / lr)
-        gamma = descent_cap(gamma, gF, fam[:, 2], lr)
-        g_slot = gamma[L.slot_family]
-        for i in range(n_slots):
-            f = forget[i].mul_(g_slot[i]) if i < SQ else forget[i] * g_slot[i]
-            x_dense[i].sub_(f)
-        L.scatter(x_dense)
-        if d_new is not None:
-            quant.write_d(d_new)
 
     # ================================================================== reporting
     def describe(self) -> dict:
@@ -659,12 +390,13 @@ class QASSO(torch.optim.Optimizer):
         ``avg_weight_bits`` (weighted by each layer's weight size), ``avg_act_bits`` (mean over
         layers), ``b_l_weight``, ``b_u_weight``, ``b_l_act``, ``b_u_act`` (current bounds;
         ``b_u_*`` of the last completed step), ``bits_frozen``, ``skipped_steps`` (steps skipped
-        for a NaN/Inf gradient).
+        for a NaN/Inf gradient), ``forget_budget_bound_steps`` (joint steps on which the descent
+        safeguard slowed the forgetting, :func:`geta_hf.optim.joint.descent_budget`).
         """
         plan = self._plan
         k = max(self._step - 1, 0)
         norms = self.qadg.group_norms(self._model).cpu()
-        zero = (norms == 0) | self._pruned
+        zero = (norms == 0) | self._units.pruned
         n_zero = int(zero.sum())
         q = self._quant
         wb, ab = {}, {}
@@ -687,12 +419,12 @@ class QASSO(torch.optim.Optimizer):
             "stage": plan.stage(k),
             "step": self._step,
             "total_steps": plan.total_steps,
-            "period": self._period if (self._period >= 0 and in_joint) else None,
+            "period": self._units.period if (self._units.period >= 0 and in_joint) else None,
             "num_groups": plan.num_groups,
             "target_units": plan.target,
-            "achieved_units": self._achieved,
-            "pruned_units": int(self._pruned.sum()),
-            "active_units": len(self._active),
+            "achieved_units": self._units.achieved,
+            "pruned_units": int(self._units.pruned.sum()),
+            "active_units": len(self._units.active),
             "zero_units": n_zero,
             "group_sparsity": n_zero / plan.num_groups if plan.num_groups else 0.0,
             "weight_bits": wb,
@@ -703,7 +435,8 @@ class QASSO(torch.optim.Optimizer):
             "b_u_weight": plan.weight_upper(k),
             "b_l_act": None if plan.act_bits is None else plan.act_bits[0],
             "b_u_act": plan.act_upper(k),
-            "bits_frozen": self._frozen_bits is not None,
+            "bits_frozen": self._bits.frozen_bits is not None,
+            "forget_budget_bound_steps": self._units.budget_bound_steps,
             "skipped_steps": self._skipped,
         }
 
@@ -727,14 +460,15 @@ class QASSO(torch.optim.Optimizer):
                          plan.schedule.joint_end],
             "num_groups": plan.num_groups,
             "num_quantizers": [self._quant.n_weight, self._quant.n_act],
-            "period": self._period,
-            "active_units": list(self._active),
+            "period": self._units.period,
+            "active_units": list(self._units.active),
             "pruned_units": self.pruned_units,
             "b_u_weight": plan.weight_upper(k),
             "b_u_act": plan.act_upper(k),
-            "frozen_bits": None if self._frozen_bits is None
-            else [int(b) for b in self._frozen_bits.cpu().tolist()],
-            "achieved_units": self._achieved,
+            "frozen_bits": None if self._bits.frozen_bits is None
+            else [int(b) for b in self._bits.frozen_bits.cpu().tolist()],
+            "achieved_units": self._units.achieved,
+            "forget_budget_bound_steps": self._units.budget_bound_steps,
             "skipped_steps": self._skipped,
         }
         return sd
@@ -768,14 +502,13 @@ class QASSO(torch.optim.Optimizer):
         self.param_groups = self._inner.param_groups
         self.state = self._inner.state
         self._step = int(s["step"])
-        self._period = int(s["period"])
-        self._pruned = torch.zeros(plan.num_groups, dtype=torch.bool)
-        if s["pruned_units"]:
-            self._pruned[torch.tensor(s["pruned_units"], dtype=torch.long)] = True
-        self._rebuild_pruned_rows()
-        self._set_active(s["active_units"])
+        units = self._units
+        units.period = int(s["period"])
+        units.set_pruned(s["pruned_units"])
+        units.set_active(s["active_units"])
+        units.achieved = s.get("achieved_units")
+        units.budget_bound_steps = int(s.get("forget_budget_bound_steps", 0))
         fb = s["frozen_bits"]
-        self._set_frozen(None if fb is None else torch.tensor(fb, dtype=torch.float32,
-                                                               device=self._quant.device))
-        self._achieved = s.get("achieved_units")
+        self._bits.set_frozen(None if fb is None else torch.tensor(fb, dtype=torch.float32,
+                                                                   device=self._quant.device))
         self._skipped = int(s.get("skipped_steps", 0))

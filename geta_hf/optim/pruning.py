@@ -1,0 +1,244 @@
+"""`PruningController`: QASSO's unit bookkeeping and the joint forget update (GETA-METHOD §3.3-3.5).
+
+One job: choose the redundant units of each pruning period, forget them progressively over the
+period, and hold committed units at exactly zero. Index tables are built once (members) or once
+per period (the active layout); per-step work is tensor work.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Dict, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+from ..config import GETAConfig
+from ..graph.qadg import QADG
+from ..quant.functional import EPS, T_MIN
+from ..quant.layers import quant_layers
+from .importance import UnitStats, importance_scores, kept_floor, select_units
+from .joint import descent_budget, forget_rate, quant_steps
+from .layout import ActiveLayout, MemberRef
+from .schedule import StagePlan
+
+__all__ = ["PruningController", "resolve_members"]
+
+logger = logging.getLogger(__name__)
+_LOG_FLOOR = 1e-30  # as in geta_hf.quant.functional: min(|x|, q_m) is floored before log
+
+
+def resolve_members(model: nn.Module, qadg: QADG, named) -> List[MemberRef]:
+    """Every group member of ``qadg`` resolved against ``model``'s parameters (checked)."""
+    layer_of_weight = {id(layer.weight): i for i, (_, layer) in enumerate(quant_layers(model))}
+    refs: List[MemberRef] = []
+    seen_quant: Dict[int, str] = {}
+    for fi, f in enumerate(qadg.families):
+        for m in f.members:
+            p = named.get(m.param)
+            if p is None:
+                raise ValueError(
+                    f"QASSO: qadg does not match the model: family {f.name!r} refers to "
+                    f"parameter {m.param!r}, which {type(model).__name__} does not have; "
+                    "build the QADG from this model with geta_hf.build_qadg(model, inputs)")
+            if p.dim() <= m.dim or p.shape[m.dim] != m.size or p.numel() != m.numel \
+                    or int(m.index.max()) >= p.shape[m.dim]:
+                raise ValueError(
+                    f"QASSO: qadg does not match the model: parameter {m.param!r} has shape "
+                    f"{tuple(p.shape)}, the QADG expects {m.size} entries along dim {m.dim} "
+                    f"and {m.numel} elements; rebuild the QADG from this model")
+            qidx = layer_of_weight.get(id(p), -1)
+            if qidx >= 0:
+                if id(p) in seen_quant:
+                    raise ValueError(
+                        f"QASSO: qadg lists the quantized weight {m.param!r} as a group member "
+                        f"twice ({seen_quant[id(p)]} and {f.name}); one quantized weight can "
+                        "belong to one family only")
+                seen_quant[id(p)] = f.name
+            refs.append(MemberRef(family=fi, param=p, dim=m.dim,
+                                  index=m.index.to(device=p.device, dtype=torch.long), qidx=qidx))
+    return refs
+
+
+class PruningController:
+    """Units, pruning periods, the active (being-forgotten) set and the committed set."""
+
+    def __init__(self, model: nn.Module, qadg: QADG, cfg: GETAConfig, plan: StagePlan,
+                 named) -> None:
+        self.qadg, self.cfg, self.plan = qadg, cfg, plan
+        self.members = resolve_members(model, qadg, named)
+        fams = qadg.families
+        self.num_units = [f.num_units for f in fams]
+        self.offsets = [f.offset for f in fams]
+        self.floors = [kept_floor(f.num_units, max(f.min_units, cfg.min_units_per_family),
+                                  cfg.group_divisible) for f in fams]
+        dev = self.device
+        counts = torch.tensor(self.num_units, dtype=torch.long)
+        self.family_of_unit = torch.repeat_interleave(torch.arange(len(fams)), counts)
+        self.unit_numel = torch.repeat_interleave(
+            torch.tensor([float(f.group_params_per_unit) for f in fams]), counts).to(dev)
+        self.member_params = list({id(m.param): m.param for m in self.members}.values())
+        # mutable state (checkpointed by QASSO)
+        self.period = -1
+        self.pruned = torch.zeros(qadg.num_groups, dtype=torch.bool)
+        self.active: List[int] = []
+        self.layout: Optional[ActiveLayout] = None
+        self.achieved: Optional[int] = None
+        self.budget_bound_steps = 0
+        self._pruned_rows: List[tuple] = []
+
+    @property
+    def device(self) -> torch.device:
+        return self.members[0].param.device if self.members else torch.device("cpu")
+
+    def max_prunable(self) -> int:
+        """Units that min_units/group_divisible allow to remove in total."""
+        return sum(max(0, n - fl) for n, fl in zip(self.num_units, self.floors))
+
+    # ------------------------------------------------------------------ periods
+    def period_budget(self, p: int) -> int:
+        """Units period ``p`` should select: its cumulative target minus the committed units."""
+        return self.plan.cumulative_target(p) - int(self.pruned.sum())
+
+    def snapshot(self) -> Dict[int, torch.Tensor]:
+        """Every member parameter before the dense step (scores and the period's first rows)."""
+        return {id(q): q.detach().clone() for q in self.member_params}
+
+    def start_period(self, p: int, snapshot: Optional[Dict[int, torch.Tensor]], lr: float) -> None:
+        """Score the units and choose pruning period ``p``'s redundant set (§3.3)."""
+        self.period = p
+        n_pruned = int(self.pruned.sum())
+        budget = self.period_budget(p)
+        chosen: List[int] = []
+        if budget > 0:
+            scores = importance_scores(self.unit_stats(snapshot, lr), self.cfg.importance_weights)
+            per_family = torch.zeros(len(self.num_units), dtype=torch.long).index_add_(
+                0, self.family_of_unit, self.pruned.long())
+            kept = [n - int(c) for n, c in zip(self.num_units, per_family)]
+            chosen = select_units(scores.cpu(), ~self.pruned, self.family_of_unit, self.num_units,
+                                  kept, self.floors, self.cfg.group_divisible, budget)
+        if p == self.plan.pruning_periods - 1:
+            self.achieved = n_pruned + len(chosen)
+            if self.achieved < self.plan.target:
+                logger.warning("QASSO: pruned %d of the K=%d units asked for: min_units/"
+                               "group_divisible leave no more prunable units", self.achieved,
+                               self.plan.target)
+        self.set_active(chosen)
+
+    def unit_stats(self, snapshot: Optional[Dict[int, torch.Tensor]], lr: float) -> UnitStats:
+        """Per-unit ``||x||^2``, ``||g||^2``, ``<x, g>`` with pre-step ``x`` and the step's ``g``.
+
+        ``snapshot=None``: no usable gradient (a skipped step): current ``x`` and ``g = 0``."""
+        n = self.qadg.num_groups
+        dev = self.device
+        sq_x, sq_g, dot = (torch.zeros(n, device=dev) for _ in range(3))
+        for m in self.members:
+            off, units = self.offsets[m.family], self.num_units[m.family]
+            x = m.unit_view(m.param.detach() if snapshot is None else snapshot[id(m.param)]).float()
+            if snapshot is None:
+                g = torch.zeros_like(x)
+            elif lr > 0:
+                g = (x - m.unit_view(m.param.detach()).float()) / lr
+            elif m.param.grad is not None:
+                g = m.unit_view(m.param.grad).float()
+            else:
+                g = torch.zeros_like(x)
+            sq_x[off:off + units] += x.square().sum(1)
+            sq_g[off:off + units] += g.square().sum(1)
+            dot[off:off + units] += (x * g).sum(1)
+        return UnitStats(sq_x=sq_x, sq_g=sq_g, dot=dot, numel=self.unit_numel)
+
+    def set_active(self, ids: Sequence[int]) -> None:
+        self.active = sorted(int(i) for i in ids)
+        if not self.active:
+            self.layout = None
+            return
+        ids_t = torch.tensor(self.active, dtype=torch.long)
+        fam = self.family_of_unit[ids_t]
+        active = {f: (ids_t[fam == f] - self.offsets[f]).to(self.device)
+                  for f in fam.unique().tolist()}
+        self.layout = ActiveLayout(self.members, active)
+
+    def commit(self) -> None:
+        """End of a pruning period: the active units become pruned (hard zero from now on)."""
+        if self.active:
+            self.pruned[torch.tensor(self.active, dtype=torch.long)] = True
+            self.rebuild_pruned_rows()
+        self.set_active([])
+
+    def set_pruned(self, ids: Sequence[int]) -> None:
+        self.pruned = torch.zeros(self.qadg.num_groups, dtype=torch.bool)
+        if ids:
+            self.pruned[torch.tensor(list(ids), dtype=torch.long)] = True
+        self.rebuild_pruned_rows()
+
+    def rebuild_pruned_rows(self) -> None:
+        ids = torch.nonzero(self.pruned).reshape(-1)
+        rows = []
+        if ids.numel():
+            fam = self.family_of_unit[ids]
+            for m in self.members:
+                local = ids[fam == m.family] - self.offsets[m.family]
+                if local.numel():
+                    rows.append((m.param, m.dim, m.rows(local.to(m.index.device))))
+        self._pruned_rows = rows
+
+    def zero_pruned(self) -> None:
+        for p, dim, rows in self._pruned_rows:
+            p.index_fill_(dim, rows, 0.0)
+
+    # ------------------------------------------------------------------ the joint update
+    def joint_update(self, x_prev: List[torch.Tensor], d_prev: Optional[torch.Tensor], quant,
+                     bounds, lr: float, remaining: int, descent: torch.Tensor) -> None:
+        """§3.4-3.5 (with the departures of :mod:`.joint`) on this period's redundant rows.
+
+        ``x_prev``: each slot's rows before the dense step; ``d_prev``: every quantizer's ``d``
+        before the dense step (the residual ``r`` is measured on that grid); ``quant``: the
+        :class:`QuantTable` (``q_m``, ``t`` after the dense step); ``bounds``: ``(d_lo, d_up)``
+        per quantizer; ``descent``: ``lr ||g||^2`` of the whole dense step. Reductions are dot
+        products of the displacement ``lr g = x_before - x_after`` (``1/lr`` folded into the
+        scalars); ``C = sign(x) min(|x|, q_m)^t``, ``r = round(C/d) - C/d``.
+        """
+        L = self.layout
+        x_dense = L.gather()
+        n_slots, SQ = len(L.slots), L.n_quant_slots
+        disp = [torch.sub(xp, xd) for xp, xd in zip(x_prev, x_dense)]  # lr * g per slot
+        clip = [self._clip_vector(x_prev[i], quant, L.slots[i].qidx) if i < SQ else x_prev[i]
+                for i in range(n_slots)]
+        CC = torch.stack([torch.dot(c, c) for c in clip])
+        gg = torch.stack([torch.dot(dd, dd) for dd in disp]) / (lr * lr)
+        fam_cc = torch.zeros(len(L.families), dtype=CC.dtype, device=CC.device).index_add_(
+            0, L.slot_family, CC)
+        gamma = forget_rate(fam_cc, remaining)
+        d_star = None
+        if SQ:
+            sq = L.slot_q
+            d0 = d_prev.clamp_min(EPS)[sq]
+            gr = torch.stack([torch.dot(disp[i], self._residual(clip[i], d0[i]))
+                              for i in range(SQ)]) / lr
+            lo, up = bounds[0][sq], bounds[1][sq]
+            d_star, gamma = quant_steps(gr, gg[:SQ], gamma, L.slot_family[:SQ], lr, lo, up)
+            d_star = torch.minimum(torch.maximum(d_star, lo), up).clamp_min(EPS)
+        forget = [torch.div(clip[i], d_star[i]).round_().mul_(d_star[i]) if i < SQ else clip[i]
+                  for i in range(n_slots)]  # Q_{d*}(x) = d* round(C / d*), or x itself
+        gF = torch.stack([torch.dot(dd, f) for dd, f in zip(disp, forget)]) / lr
+        gF = torch.zeros_like(gamma).index_add_(0, L.slot_family, gF)
+        gamma, bound = descent_budget(gamma, gF, descent)
+        self.budget_bound_steps += int(bound)  # one host sync per joint step
+        g_slot = gamma[L.slot_family]
+        for i in range(n_slots):
+            x_dense[i].sub_(forget[i] * g_slot[i])
+        L.scatter(x_dense)
+
+    @staticmethod
+    def _clip_vector(xp: torch.Tensor, quant, qi: int) -> torch.Tensor:
+        """``C = sign(x) min(|x|, q_m)^t``, as in the quantizer's forward (§1.1)."""
+        c = torch.minimum(xp.abs(), quant.q_m[qi].detach().abs())
+        if quant.quantizers[qi].t is not None:
+            c.clamp_min_(_LOG_FLOOR).log_().mul_(quant.t[qi].detach().clamp_min(T_MIN)).exp_()
+        return c.copysign_(xp)
+
+    @staticmethod
+    def _residual(c: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        z = c / d
+        return torch.round(z).sub_(z)
