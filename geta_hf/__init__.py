@@ -3,8 +3,8 @@
 from .compress import CompressionError, model_stats, report
 from .config import GETAConfig
 from .graph import QADG, GraphCaptureError, build_qadg
-from .hf import (CheckpointError, GETATrainer, GETATrainingArguments, compress_model,
-                 save_compressed)
+from .hf import (CheckpointError, DistillationTrainer, GETATrainer, GETATrainingArguments,
+                 compress_model, distillation_loss, save_compressed)
 from .optim import QASSO
 from .quant import calibrate_activations, prepare_model
 
@@ -14,5 +14,6 @@ __all__ = [
     "GETAConfig", "prepare_model", "calibrate_activations", "build_qadg", "QADG",
     "GraphCaptureError", "compress_model", "CompressionError", "model_stats", "report",
     "save_compressed", "CheckpointError", "QASSO", "GETATrainer", "GETATrainingArguments",
+    "DistillationTrainer", "distillation_loss",
     "__version__",
 ]

@@ -3,6 +3,7 @@
 from .quantizer import (CheckpointError, GETAHfQuantizer, GETAQuantizationConfig,
                         quantization_config_from_model, register)
 from .args import GETATrainingArguments
+from .distill import DistillationTrainer, distillation_loss
 from .resume import IncompleteCheckpointError, check_checkpoint, last_complete_checkpoint
 from .serialization import attach_quantization_config, compress_model, model_card, save_compressed
 from .trainer import GETACallback, GETATrainer
@@ -13,4 +14,4 @@ __all__ = ["GETAQuantizationConfig", "GETAHfQuantizer", "CheckpointError", "regi
            "save_compressed", "compress_model", "attach_quantization_config", "model_card",
            "quantization_config_from_model", "GETATrainer", "GETATrainingArguments",
            "GETACallback", "IncompleteCheckpointError", "check_checkpoint",
-           "last_complete_checkpoint"]
+           "last_complete_checkpoint", "DistillationTrainer", "distillation_loss"]

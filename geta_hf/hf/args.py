@@ -9,6 +9,7 @@ from typing import List, Optional
 from transformers import TrainingArguments
 
 from ..config import IMPORTANCE_CRITERIA, GETAConfig
+from .distill import check_distillation_temperature, check_distillation_weight
 
 __all__ = ["GETATrainingArguments"]
 
@@ -93,6 +94,12 @@ class GETATrainingArguments(TrainingArguments):
         "help": "Dense update of QASSO: 'adamw', 'adam' or 'sgd'.", "choices": ["adamw", "adam", "sgd"]})
     geta_tune_cpu_allocator: bool = field(default=True, metadata={
         "help": "On Linux/CPU, keep freed tensors in the glibc heap (avoids page-fault storms)."})
+    geta_distillation_weight: float = field(default=0.5, metadata={
+        "help": "Knowledge distillation: weight w in [0, 1] of the KD term, loss = (1 - w) * task "
+                "loss + w * KD. Used only when the trainer gets a teacher_model."})
+    geta_distillation_temperature: float = field(default=2.0, metadata={
+        "help": "Knowledge distillation: softmax temperature T > 0 of the logit KD term (scaled by "
+                "T^2). Used only when the trainer gets a teacher_model."})
 
     def __post_init__(self):
         super().__post_init__()
@@ -102,6 +109,11 @@ class GETATrainingArguments(TrainingArguments):
         except ValueError as e:
             msg = re.sub(r"GETAConfig\.(\w+)", r"--geta_\1 (GETAConfig.\1)", str(e))
             raise ValueError(msg) from None
+        # KD is a trainer concern, not a GETAConfig field: checked here, naming the flag
+        check_distillation_weight(self.geta_distillation_weight,
+                                  "GETATrainingArguments: --geta_distillation_weight")
+        check_distillation_temperature(self.geta_distillation_temperature,
+                                       "GETATrainingArguments: --geta_distillation_temperature")
 
     def to_geta_config(self) -> GETAConfig:
         """The :class:`GETAConfig` these arguments describe (validated)."""

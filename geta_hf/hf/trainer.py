@@ -7,13 +7,14 @@ import logging
 from typing import Any, Dict, Mapping, Optional
 
 import torch
-from transformers import Trainer, TrainerCallback
+from transformers import TrainerCallback
 
 from ..compress.estimate import BopsEstimator
 from ..config import GETAConfig
 from ..graph.qadg import build_qadg
 from ..quant.prepare import prepare_model
 from ..utils import tune_cpu_allocator
+from .distill import DistillationTrainer
 from .resume import check_checkpoint, last_complete_checkpoint
 from .serialization import compress_model, save_compressed
 
@@ -57,7 +58,7 @@ class GETACallback(TrainerCallback):
         return control
 
 
-class GETATrainer(Trainer):
+class GETATrainer(DistillationTrainer):
     """A `transformers.Trainer` that trains with GETA and yields a compressed model.
 
     On construction it inserts the quantizers (:func:`geta_hf.prepare_model`), initialises input
@@ -71,11 +72,19 @@ class GETATrainer(Trainer):
     (weights, quantizers and optimizer state untouched), and ``resume_from_checkpoint`` never
     picks a checkpoint that an interrupted save left incomplete.
 
+    With ``teacher_model=`` it also distils (see :class:`geta_hf.DistillationTrainer`): the loss
+    becomes ``(1 - w) * task_loss + w * KD`` with ``w``/``T`` from ``distillation_weight`` /
+    ``distillation_temperature`` or ``--geta_distillation_weight`` /
+    ``--geta_distillation_temperature``. The teacher is neither prepared for quantization nor
+    pruned nor optimized.
+
     Args:
         geta_config: the :class:`geta_hf.GETAConfig`; by default taken from
             :class:`GETATrainingArguments` (``args.to_geta_config()``).
         example_inputs: the batch used for the search space and the BOP estimate (default: the
             first training batch).
+        teacher_model, distillation_weight, distillation_temperature: knowledge distillation,
+            as for :class:`geta_hf.DistillationTrainer` (default: no teacher).
         Everything else as for `transformers.Trainer`.
 
     The model's forward is assumed to return a mean loss that ignores ``num_items_in_batch``
