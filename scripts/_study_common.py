@@ -8,6 +8,8 @@ learning rate and LR schedule (``constant_with_warmup``, 10% warm-up):
 * ``dense``: ``N`` steps of plain fine-tuning with ``transformers.Trainer`` (fp32 reference);
 * ``geta``: ``N`` steps of :class:`geta_hf.GETATrainer` (pruning and bit widths learned together),
   then ``compress_model`` (units removed, weights bit-packed);
+* ``geta_kd``: ``geta`` with logit distillation from the same seed's dense model
+  (:class:`geta_hf.DistillationTrainer`, weight and temperature in ``KD``);
 * ``qat``: the same with ``target_group_sparsity=0`` (quantization-aware training only);
 * ``prune``: ``N`` steps of :class:`geta_hf.QASSO` on the float model (GETA's pruning schedule
   and saliency scores, no quantizers): pruning only;
@@ -16,7 +18,8 @@ learning rate and LR schedule (``constant_with_warmup``, 10% warm-up):
   fine-tuning steps with the pruned units held at zero, then post-training quantization to the
   per-layer bit widths GETA learned at that sparsity (so BOPs match), with either max-abs or
   MSE-optimal weight clipping. Its fp32 model before quantization is also measured
-  (magnitude pruning + fine-tuning, a second pruning-only baseline).
+  (magnitude pruning + fine-tuning, a second pruning-only baseline);
+* ``sequential_kd``: ``sequential`` with the same distillation in its fine-tuning half.
 
 A task (QA or causal LM) supplies the model, data and metric through :class:`Task`; this module
 runs the methods, measures every resulting model with the library's own code
@@ -48,7 +51,11 @@ from torch import nn
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: the real SQuAD slice shared by this machine's projects (answerable questions are used)
 SQUAD_SLICE = os.path.normpath(os.path.join(REPO, "..", "shared", "data", "squad-v2-dev-slice.json"))
-METHODS = ("dense", "geta", "qat", "prune", "sequential")
+METHODS = ("dense", "geta", "geta_kd", "qat", "prune", "sequential", "sequential_kd")
+#: bumped when the GETA method changes, so stored runs of an older method are not reused
+METHOD_VERSION = 2
+#: knowledge distillation of the ``*_kd`` arms (teacher: the same seed's dense model)
+KD = {"weight": 0.5, "temperature": 2.0}
 #: QASSO stage lengths (fractions of N) used by every GETA-style run; cool-down takes the rest
 STAGES = {"warmup": 0.1, "projection": 0.2, "joint": 0.3, "projection_periods": 5,
           "pruning_periods": 3}
@@ -149,9 +156,10 @@ class Run:
     def name(self) -> str:
         if self.method == "dense":
             return "dense"
-        if self.method == "sequential":
-            return f"sequential-s{self.setting.sparsity:g}"
-        return f"{self.method}-{self.setting.tag}"
+        if self.method.startswith("sequential"):
+            kd = "-kd" if self.method.endswith("_kd") else ""
+            return f"sequential{kd}-s{self.setting.sparsity:g}"
+        return f"{self.method.replace('_', '-')}-{self.setting.tag}"
 
 
 def plan_runs(methods: Sequence[str], geta_settings: Sequence[Setting]) -> List[Run]:
@@ -164,16 +172,19 @@ def plan_runs(methods: Sequence[str], geta_settings: Sequence[Setting]) -> List[
         runs.append(Run("dense", Setting()))
     if "geta" in methods:
         runs += [Run("geta", s) for s in geta_settings]
+    if "geta_kd" in methods:
+        runs += [Run("geta_kd", s) for s in geta_settings]
     if "qat" in methods:
         bits = dict.fromkeys((s.weight_bits, s.act_bits) for s in geta_settings)
         runs += [Run("qat", Setting(0.0, w, a)) for w, a in bits]
     if "prune" in methods:
         for s in dict.fromkeys(s.sparsity for s in geta_settings):
             runs.append(Run("prune", Setting(s)))
-    if "sequential" in methods:
-        for s in dict.fromkeys(s.sparsity for s in geta_settings):
-            runs.append(Run("sequential", Setting(s),
-                            ptq=tuple(g for g in geta_settings if g.sparsity == s)))
+    for method in ("sequential", "sequential_kd"):
+        if method in methods:
+            for s in dict.fromkeys(s.sparsity for s in geta_settings):
+                runs.append(Run(method, Setting(s),
+                                ptq=tuple(g for g in geta_settings if g.sparsity == s)))
     return runs
 
 
@@ -187,8 +198,8 @@ class Hyper:
     extra: Dict[str, Any] = field(default_factory=dict)  # task settings (lengths, data sizes)
 
     def fingerprint(self) -> str:
-        blob = json.dumps({"hyper": asdict(self), "stages": STAGES, "bit_reduction": BIT_REDUCTION},
-                          sort_keys=True)
+        blob = json.dumps({"hyper": asdict(self), "stages": STAGES, "bit_reduction": BIT_REDUCTION,
+                           "method_version": METHOD_VERSION, "kd": KD}, sort_keys=True)
         return hashlib.sha1(blob.encode()).hexdigest()[:10]
 
 
@@ -310,21 +321,6 @@ def magnitude_units(model: nn.Module, qadg, k: int) -> List[int]:
                         [f.num_units for f in fams], [f.num_units for f in fams], floors, 1, k)
 
 
-def mse_clip(weight: torch.Tensor, bits: int, grid: int = 40) -> torch.Tensor:
-    """The clip ``q_m`` in ``[0.2, 1] x max|W|`` minimising ``||Q(W) - W||^2`` at ``bits``."""
-    from geta_hf.quant import d_for_bits, fake_quantize
-
-    w = weight.detach().float()
-    top = w.abs().max()
-    best, best_err = top, None
-    for frac in torch.linspace(0.2, 1.0, grid):
-        clip = top * frac
-        err = (fake_quantize(w, d_for_bits(bits, clip), clip) - w).square().sum()
-        if best_err is None or err < best_err:
-            best, best_err = clip, err
-    return best
-
-
 @torch.no_grad()
 def post_training_quantize(model: nn.Module, setting: Setting, bits: Mapping[str, Mapping[str, int]],
                            calibration: Iterable, clip: str) -> Dict[str, Dict[str, int]]:
@@ -339,6 +335,7 @@ def post_training_quantize(model: nn.Module, setting: Setting, bits: Mapping[str
     """
     import geta_hf
     from geta_hf.quant import quant_layers
+    from geta_hf.quant.calibrate import mse_clip
 
     cfg = setting.geta_config(quantizer="linear", weight_bits=tuple(setting.weight_bits),
                               bit_reduction=0)
@@ -455,6 +452,19 @@ class Runner:
     def half_path(self) -> str:
         return self._out("dense-half.safetensors")
 
+    @property
+    def final_path(self) -> str:
+        return self._out("dense-final.safetensors")
+
+    def _teacher(self) -> Dict[str, Any]:
+        """Trainer keyword arguments of distillation from this seed's dense model."""
+        if not os.path.exists(self.final_path):
+            self.run(Run("dense", Setting()), rerun=True)
+        teacher = self.task.fresh_model(self.seed)
+        load_snapshot(teacher, self.final_path)
+        return {"teacher_model": teacher, "distillation_weight": KD["weight"],
+                "distillation_temperature": KD["temperature"]}
+
     def run(self, run: Run, rerun: bool = False) -> Dict[str, Any]:
         """Run (or reuse the stored result of) one run; returns its record."""
         rec = None if rerun else self.store.load(self.task, self.seed, run.name)
@@ -485,6 +495,7 @@ class Runner:
         args = training_args(transformers.TrainingArguments, self._out("dense"), self.hp,
                              self.hp.steps, self.seed)
         _, secs = train(model, self.task, args, callbacks=[snap])
+        save_snapshot(model, self.final_path)  # the teacher of the *_kd arms
         m = measure(self.task, model, model.save_pretrained, self.work)
         return [_row(run, "dense", "dense fine-tuning (fp32)", run.setting, m)], {"train_seconds": secs}
 
@@ -510,22 +521,25 @@ class Runner:
         cfg = run.setting.geta_config()
         args = training_args(geta_hf.GETATrainingArguments, self._out(run.name), self.hp,
                              self.hp.steps, self.seed)
+        kd = self._teacher() if run.method.endswith("_kd") else {}
         model = self.task.fresh_model(self.seed)
         trainer, secs = train(model, self.task, args, trainer_cls=geta_hf.GETATrainer,
-                              geta_config=cfg, example_inputs=self.task.example_inputs())
+                              geta_config=cfg, example_inputs=self.task.example_inputs(), **kd)
         describe = trainer.geta_optimizer.describe()
         small = trainer.compressed_model()
         m = measure(self.task, small, lambda d: geta_hf.save_compressed(small, d), self.work)
-        label = "GETA joint" if run.method == "geta" else "QAT only (GETA, sparsity 0)"
+        label = {"geta": "GETA joint", "geta_kd": "GETA joint + KD"}.get(
+            run.method, "QAT only (GETA, sparsity 0)")
         extra = {"train_seconds": secs, "layer_bits": layer_bits_of(small),
                  "geta_config": cfg.to_dict(),
                  "optimizer": {k: describe[k] for k in ("target_units", "achieved_units",
                                                          "zero_units", "num_groups",
                                                          "group_sparsity", "avg_weight_bits",
-                                                         "avg_act_bits")}}
+                                                         "avg_act_bits",
+                                                         "forget_budget_bound_steps")}}
         return [_row(run, run.name, label, run.setting, m)], extra
 
-    _qat = _geta
+    _qat = _geta_kd = _geta
 
     # ------------------------------------------------------------------ pruning only
     def _prune(self, run: Run):
@@ -564,25 +578,32 @@ class Runner:
         # a different data order than the first half, which the dense run already consumed
         args = training_args(transformers.TrainingArguments, self._out(run.name), self.hp, steps,
                              self.seed, data_seed=self.seed + 1)
-        _, secs = train(model, self.task, args, callbacks=[KeepUnitsZero(qadg, model, units)])
+        kd = run.method.endswith("_kd")
+        extra_kw = dict(trainer_cls=geta_hf.DistillationTrainer, **self._teacher()) if kd else {}
+        _, secs = train(model, self.task, args, callbacks=[KeepUnitsZero(qadg, model, units)],
+                        **extra_kw)
         rows = []
+        tag = "-kd" if kd else ""
         m = self._measure_compressed(copy.deepcopy(model), qadg)
-        rows.append(_row(run, f"magprune-s{s:g}", "magnitude pruning + fine-tuning (fp32)",
-                         run.setting, m, note="sequential before quantization"))
+        rows.append(_row(run, f"magprune{tag}-s{s:g}", "magnitude pruning + fine-tuning (fp32)"
+                         + (" + KD" if kd else ""), run.setting, m,
+                         note="sequential before quantization"))
         calib = self.task.calibration_batches()
         used_bits = {}
         for target in run.ptq:
-            source, bits = self._geta_bits(target)
+            source, bits = self._geta_bits(target, prefer_kd=kd)
             for clip in ("max", "mse"):
                 q = copy.deepcopy(model)
-                key = f"seq-{target.tag}-{clip}"
+                key = f"seq{tag}-{target.tag}-{clip}"
                 used_bits[key] = post_training_quantize(q, target, bits, calib, clip)
                 m = self._measure_compressed(q, qadg)
-                rows.append(_row(run, key, f"sequential, PTQ {clip} clip", target, m,
-                                 note=f"bits: {source}"))
+                rows.append(_row(run, key, f"sequential{' + KD' if kd else ''}, PTQ {clip} clip",
+                                 target, m, note=f"bits: {source}"))
         extra = {"train_seconds": secs, "pruned_units": len(units), "target_units": k,
                  "num_groups": qadg.num_groups, "ptq_bits": used_bits}
         return rows, extra
+
+    _sequential_kd = _sequential
 
     def _measure_compressed(self, model: nn.Module, qadg) -> Dict[str, Any]:
         """Remove the zeroed units (and pack quantized weights) of ``model``, then measure it.
@@ -604,11 +625,16 @@ class Runner:
             save = model.save_pretrained
         return measure(self.task, model, save, self.work)
 
-    def _geta_bits(self, target: Setting) -> Tuple[str, Dict[str, Dict[str, int]]]:
-        """GETA's learned per-layer bits at ``target`` (same dataset and seed), else uniform."""
-        rec = self.store.load(self.task, self.seed, Run("geta", target).name)
-        if rec is not None and rec.get("layer_bits"):
-            return f"GETA's per-layer bits ({Run('geta', target).name})", rec["layer_bits"]
+    def _geta_bits(self, target: Setting, prefer_kd: bool = False
+                   ) -> Tuple[str, Dict[str, Dict[str, int]]]:
+        """GETA's learned per-layer bits at ``target`` (same dataset and seed; the KD run's
+        first when ``prefer_kd``), else uniform."""
+        methods = ("geta_kd", "geta") if prefer_kd else ("geta", "geta_kd")
+        for method in methods:
+            name = Run(method, target).name
+            rec = self.store.load(self.task, self.seed, name)
+            if rec is not None and rec.get("layer_bits"):
+                return f"GETA's per-layer bits ({name})", rec["layer_bits"]
         hi_w = target.weight_bits[1]
         desc = f"uniform {hi_w}-bit weights"
         if target.act_bits:

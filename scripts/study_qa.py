@@ -33,7 +33,18 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _study_common as sc  # noqa: E402
 import _study_report as sr  # noqa: E402
 
-DATASETS = ("generated", "squad")
+DATASETS = ("generated", "squad", "squad11")
+#: the fixed evaluation articles of the real SQuAD v1.1 study (the last 8 of
+#: squad-v1.1-dev-38.json, 1,569 questions); the other 30 articles (6,903 questions) train
+SQUAD11_EVAL = ("Kenya", "Intergovernmental_Panel_on_Climate_Change", "Chloroplast",
+                "Scottish_Parliament", "Islamism", "Imperialism", "United_Methodist_Church",
+                "French_and_Indian_War")
+#: with ``--split dev``: training articles held out to choose hyper-parameters (never the
+#: evaluation articles above)
+SQUAD11_DEV = ("Genghis_Khan", "Immune_system", "Civil_disobedience", "Economic_inequality",
+               "University_of_Chicago", "Yuan_dynasty")
+SQUAD11_FILE = os.path.normpath(os.path.join(sc.REPO, "..", "shared", "data",
+                                             "squad-v1.1-dev-38.json"))
 METRIC_TITLES = {"exact_match": "EM", "f1": "F1"}
 #: the GETA settings of the issue: sparsity {0.3, 0.5} x weight bits [4, 8], plus inputs [8, 16]
 GETA_SETTINGS = (sc.Setting(0.3, (4, 8)), sc.Setting(0.5, (4, 8)), sc.Setting(0.5, (4, 8), (8, 16)))
@@ -102,6 +113,15 @@ def load_examples(dataset: str, args) -> tuple:
     if dataset == "generated":
         train_json, eval_json = generate_squad(args.num_train, args.num_eval, seed=0)
         train, evl = load_squad_json(train_json), load_squad_json(eval_json)
+    elif dataset == "squad11":
+        if not os.path.exists(args.squad11_file):
+            raise SystemExit(f"squad11: {args.squad11_file} not found; get the official SQuAD "
+                             "v1.1 dev set (or datasets.load_dataset('squad')) and pass "
+                             "--squad11-file")
+        train, evl = split_by_article(load_squad_json(args.squad11_file),
+                                      eval_titles=list(SQUAD11_EVAL))
+        if args.split == "dev":  # hyper-parameter selection: never touches SQUAD11_EVAL
+            train, evl = split_by_article(train, eval_titles=list(SQUAD11_DEV))
     else:
         if not os.path.exists(args.squad_file):
             sc.log(f"squad: {args.squad_file} not found, dataset skipped")
@@ -129,6 +149,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--work-dir", default=os.path.join(sc.REPO, "runs", "study"),
                    help="scratch space (trainer folders, the dense half-way snapshot)")
     p.add_argument("--squad-file", default=sc.SQUAD_SLICE, help="real SQuAD JSON (v1.1 or v2)")
+    p.add_argument("--squad11-file", default=SQUAD11_FILE,
+                   help="the 38-article SQuAD v1.1 dev file of the squad11 dataset")
+    p.add_argument("--split", default="eval", choices=["eval", "dev"],
+                   help="squad11: evaluate on the fixed evaluation articles, or ('dev') on "
+                        "held-out training articles, for choosing hyper-parameters")
+    p.add_argument("--settings", default=",".join(s.tag for s in GETA_SETTINGS),
+                   help="comma-separated GETA settings to run, among "
+                        + ",".join(s.tag for s in GETA_SETTINGS))
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--max-length", type=int, default=128)
@@ -164,7 +192,7 @@ def hyper(args) -> sc.Hyper:
                            "num_train": args.num_train, "num_eval": args.num_eval,
                            "max_train": args.max_train, "max_eval": args.max_eval,
                            "calibration_batches": args.calibration_batches,
-                           "stats_rows": args.stats_rows})
+                           "stats_rows": args.stats_rows, "split": args.split})
 
 
 def render(store: sc.RunStore, hp: sc.Hyper, args) -> str:
@@ -185,6 +213,11 @@ def _dataset_text(dataset: str, sizes: Dict) -> str:
     if dataset == "generated":
         text = ("Generated SQuAD-format data (`geta_hf.data.generate_squad`, data seed 0; train "
                 "and eval use disjoint entity pools).")
+    elif dataset == "squad11":
+        text = ("Real SQuAD v1.1 (`../shared/data/squad-v1.1-dev-38.json`, 38 articles of the "
+                "official dev set), split by article: the 8 evaluation articles are fixed in "
+                "`study_qa.SQUAD11_EVAL`, the other 30 train; EM/F1 against all reference "
+                "answers.")
     else:
         text = ("Real SQuAD 2.0 dev slice (`../shared/data/squad-v2-dev-slice.json`, answerable "
                 "questions only), split by article (`split_by_article(eval_fraction=0.34, "
@@ -206,7 +239,12 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     t0 = time.perf_counter()
     hp = hyper(args)
     store = sc.RunStore(args.out, hp, sc.command_line(argv, "study_qa.py"))
-    runs = sc.plan_runs(sc.csv_list(args.methods), GETA_SETTINGS)
+    wanted = sc.csv_list(args.settings)
+    unknown = sorted(set(wanted) - {s.tag for s in GETA_SETTINGS})
+    if unknown:
+        raise SystemExit(f"unknown setting(s) {unknown}; choose among "
+                         f"{[s.tag for s in GETA_SETTINGS]}")
+    runs = sc.plan_runs(sc.csv_list(args.methods), [s for s in GETA_SETTINGS if s.tag in wanted])
     seeds = [int(s) for s in sc.csv_list(args.seeds)]
     for dataset in sc.csv_list(args.datasets):
         if dataset not in DATASETS:

@@ -21,6 +21,9 @@ QA_KEYS = {
     "qat-w4-8-a8-16", "prune-s0.3", "prune-s0.5", "magprune-s0.3", "magprune-s0.5",
     "seq-s0.3-w4-8-max", "seq-s0.3-w4-8-mse", "seq-s0.5-w4-8-max", "seq-s0.5-w4-8-mse",
     "seq-s0.5-w4-8-a8-16-max", "seq-s0.5-w4-8-a8-16-mse",
+    "geta-kd-s0.3-w4-8", "geta-kd-s0.5-w4-8", "geta-kd-s0.5-w4-8-a8-16", "magprune-kd-s0.3",
+    "magprune-kd-s0.5", "seq-kd-s0.3-w4-8-max", "seq-kd-s0.3-w4-8-mse", "seq-kd-s0.5-w4-8-max",
+    "seq-kd-s0.5-w4-8-mse", "seq-kd-s0.5-w4-8-a8-16-max", "seq-kd-s0.5-w4-8-a8-16-mse",
 }
 LM_KEYS = {"dense", "geta-s0.2-w4-8", "qat-w4-8", "prune-s0.2", "magprune-s0.2",
            "seq-s0.2-w4-8-max", "seq-s0.2-w4-8-mse"}
@@ -62,11 +65,11 @@ def _check_rows(rows, metric_ok):
 
 def _check_sequential_used_geta_bits(records):
     for rec in records:
-        if rec["method"] == "sequential":
+        if rec["method"] in ("sequential", "sequential_kd"):
             for row in rec["rows"]:
                 if row["key"].startswith("seq-"):
                     assert "GETA's per-layer bits" in row["note"], row
-            geta = {r["run"]: r for r in records if r["method"] == "geta"}
+            geta = {r["run"]: r for r in records if r["method"] in ("geta", "geta_kd")}
             for key, used in rec["ptq_bits"].items():
                 source = geta["geta-" + key[len("seq-"):].rsplit("-", 1)[0]]["layer_bits"]
                 assert {n: b["weight"] for n, b in used.items()} == \
@@ -88,7 +91,8 @@ def test_study_qa_smoke(tmp_path):
     section = (tmp_path / "results_qa.md").read_text()
     assert section.strip() in page and "### generated" in section
     for label in ("dense fine-tuning (fp32)", "GETA joint", "QAT only", "pruning only",
-                  "magnitude pruning + fine-tuning", "sequential, PTQ mse clip"):
+                  "magnitude pruning + fine-tuning", "sequential, PTQ mse clip",
+                  "GETA joint + KD", "sequential + KD, PTQ mse clip"):
         assert label in section
     assert "python scripts/study_qa.py" in section and "Joint vs. sequential" in section
     assert (tmp_path / "study_qa.png").stat().st_size > 10_000
