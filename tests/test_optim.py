@@ -698,3 +698,125 @@ def test_qasso_learns_as_well_as_adamw():
     assert all(4 <= b <= 8 for b in info["weight_bits"].values())
     assert start > 0.6 and dense_loss < 0.55  # the task is learnable and was learned
     assert q_loss <= 1.10 * dense_loss, (q_loss, dense_loss)
+
+
+# ----------------------------------------------------------------------------- issue #14 mechanics
+def _best_clip_error(w, bits, grid=2000):
+    """Brute force: the smallest ||Q(w) - w||^2 over clips in (0, max|w|] at ``bits``."""
+    from geta_hf.quant import d_for_bits, fake_quantize
+
+    top = float(w.abs().max())
+    errs = [float((fake_quantize(w, d_for_bits(bits, c), torch.tensor(c)) - w).square().sum())
+            for c in torch.linspace(top / grid, top, grid).tolist()]
+    return min(errs)
+
+
+class _Wide(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up = nn.Linear(256, 64)
+        self.down = nn.Linear(64, 2)
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(x)))
+
+
+def test_clip_is_learned_for_a_heavy_tailed_weight_at_4_bits():
+    """A layer with max|W| / rms ~ 25 (Gaussian weights plus a few outliers) trained to 4 bits
+    ends with a clip whose quantization error is within 1.5x of the MSE-optimal clip's; the
+    max-abs clip GETA starts from rounds most weights to zero and is several times worse."""
+    from geta_hf.quant import d_for_bits, fake_quantize
+
+    torch.manual_seed(0)
+    model = _Wide()
+    with torch.no_grad():
+        w = torch.randn(64, 256) * 0.02
+        w.view(-1)[torch.randperm(w.numel())[:8]] = torch.tensor([0.5, -0.5] * 4)
+        model.up.weight.copy_(w)
+    cfg = GETAConfig(target_group_sparsity=0.0, weight_bits=(4, 8), quantizer="linear",
+                     bit_reduction=4, projection_periods=2, warmup=2, projection=6, joint=0)
+    prepare_model(model, cfg)
+    qadg = build_qadg(model, {"x": torch.randn(2, 256)}, cfg)
+    opt = QASSO(model, qadg, cfg, lr=1e-4, variant="adamw", total_steps=16)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(16):
+        model(torch.randn(8, 256, generator=gen)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    wq = model.up.weight_quantizer
+    assert round(float(wq.bits())) == 4 and opt.describe()["bits_frozen"]
+    w = model.up.weight.detach()
+    assert float(w.abs().max() / w.square().mean().sqrt()) > 15
+    err = float((wq(w) - w).square().sum())
+    best = _best_clip_error(w, 4)
+    top = w.abs().max()
+    err_max_clip = float((fake_quantize(w, d_for_bits(4, top), top) - w).square().sum())
+    assert err <= 1.5 * best, (err, best)
+    assert err_max_clip > 3 * best, (err_max_clip, best)
+
+
+def test_mse_clip_matches_brute_force():
+    from geta_hf.quant.calibrate import mse_clip, quant_error
+
+    gen = torch.Generator().manual_seed(3)
+    for bits in (2, 3, 4, 6, 8):
+        w = torch.distributions.StudentT(3.0).sample((128, 64)) * 0.02
+        clip = mse_clip(w, bits)
+        err = float(quant_error(w, clip.reshape(1), bits))
+        assert err <= 1.01 * _best_clip_error(w, bits), bits
+        assert 0 < float(clip) <= float(w.abs().max())
+    del gen
+    assert float(mse_clip(torch.zeros(5, 5), 4)) > 0  # an all-zero tensor stays finite
+
+
+def test_pruning_a_unit_does_not_move_its_layers_bits():
+    """With the quantizer scalars' own gradients zeroed, every layer keeps its (non-integer)
+    bits through a joint stage that prunes half its units, and freezes them to round(b), not
+    to b_l (GETA-METHOD §7.1: the paper's d* pinned such layers at b_l)."""
+    cfg = GETAConfig(target_group_sparsity=0.5, weight_bits=(4, 8), warmup=0, projection=0,
+                     joint=12, pruning_periods=3, bit_reduction=0)
+    model, make, qadg = _setup("bert", cfg)
+    layers = [m for _, m in quant_layers(model)]
+    with torch.no_grad():
+        for m in layers:
+            m.weight_quantizer.set_bits(6.3)
+    opt = QASSO(model, qadg, cfg, lr=2e-3, total_steps=16)
+    quant = {id(p) for m in layers for p in m.weight_quantizer.parameters()}
+    for k in range(16):
+        _loss("bert", model, make(100 + k)).backward()
+        for p in model.parameters():
+            if id(p) in quant:
+                p.grad = torch.zeros_like(p)
+        opt.step()
+        opt.zero_grad()
+        wb, _ = _bits(model)
+        if opt.plan.stage(k) == "joint":
+            assert torch.allclose(wb, torch.full_like(wb, 6.3), atol=1e-3), (k, wb)
+    assert len(_zero_units(qadg, model)) == math.floor(0.5 * qadg.num_groups)
+    pruned_layers = {m.param for f in qadg.families for m in f.members}
+    assert any(n + ".weight" in pruned_layers for n, _ in quant_layers(model))
+    wb, _ = _bits(model)
+    assert torch.allclose(wb, torch.full_like(wb, 6.0), atol=TOL), wb
+
+
+def test_forgetting_is_progressive():
+    """A redundant unit's norm falls step by step over its period (about linearly: the forget
+    term is the unit's quantized value Q_{d*}(x), so entries that round to 0 there go at the
+    commit), instead of staying put and being zeroed in one step at the period's end."""
+    cfg = GETAConfig(target_group_sparsity=0.3, weight_bits=(4, 8), warmup=0, projection=0,
+                     joint=10, pruning_periods=1)
+    model, make, qadg = _setup("bert", cfg)
+    opt = QASSO(model, qadg, cfg, lr=1e-4, total_steps=12)
+    history = []
+    for k in range(10):
+        _train_step("bert", model, make, opt, k)
+        ids = torch.tensor(opt.active_units or opt.pruned_units)
+        history.append(qadg.group_norms(model)[ids])
+    n0 = history[0]  # after the first step: 9/10 of the initial norm remain
+    for k in range(1, 9):
+        assert (history[k] < history[k - 1]).all(), k
+        frac = history[k] / n0
+    assert (history[4] / n0 < 0.75).all()  # mid-period: well on the way down
+    assert (history[8] / n0 < 0.45).all()  # most of the norm is gone before the commit
+    assert (history[9] == 0).all()
+    assert opt.describe()["forget_budget_bound_steps"] <= 2
