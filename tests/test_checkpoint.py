@@ -241,3 +241,72 @@ def test_registration_is_idempotent():
     from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING
 
     assert "geta" in AUTO_QUANTIZER_MAPPING
+
+
+# ----------------------------------------------------------------------------- saves never destroy
+def test_save_refuses_a_folder_it_did_not_write_and_a_file(tmp_path):
+    model, make = build("bert")
+    _compress_randomly(model, make)
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="notes.txt"):
+        geta_hf.save_compressed(model, str(user))
+    assert os.listdir(user) == ["notes.txt"] and (user / "notes.txt").read_text() == "keep me"
+    a_file = tmp_path / "a_file"
+    a_file.write_text("data")
+    with pytest.raises(FileExistsError, match="is a file"):
+        geta_hf.save_compressed(model, str(a_file))
+    assert a_file.read_text() == "data"
+    assert sorted(os.listdir(tmp_path)) == ["a_file", "mine"]  # no temporary folder left
+
+
+def test_resave_replaces_only_its_own_files(tmp_path):
+    model, make = build("bert")
+    _compress_randomly(model, make)
+    target = tmp_path / "ck"
+    geta_hf.save_compressed(model, str(target))
+    written = json.loads((target / geta_hf.hf.serialization.MANIFEST).read_text())["files"]
+    assert "model.safetensors" in written and "config.json" in written
+    (target / "notes.txt").write_text("keep me")
+    other, _ = build("bert", seed=1)
+    _compress_randomly(other, make, seed=1)
+    geta_hf.save_compressed(other, str(target))
+    assert (target / "notes.txt").read_text() == "keep me"
+    after = _tensors(target)
+    want = {k: v for k, v in other.state_dict().items() if k in after}
+    assert want and all(torch.equal(want[k], after[k]) for k in want)
+    assert sorted(os.listdir(tmp_path)) == ["ck"]
+    tf.AutoModelForQuestionAnswering.from_pretrained(str(target))
+
+
+@pytest.mark.parametrize("fail_at", [1, 3, -1])
+def test_failed_file_swap_puts_the_previous_save_back(tmp_path, monkeypatch, fail_at):
+    """os.replace fails at the n-th call of the swap (moving old files out, or new ones in):
+    every earlier file is back in place, bit-identical, and nothing is left behind."""
+    import geta_hf.hf.serialization as ser
+
+    model, make = build("bert")
+    _compress_randomly(model, make)
+    target = tmp_path / "ck"
+    geta_hf.save_compressed(model, str(target))
+    (target / "notes.txt").write_text("keep me")
+    before = {n: (target / n).read_bytes() for n in os.listdir(target)}
+    n_old = len(json.loads((target / ser.MANIFEST).read_text())["files"])
+    stop = n_old + 2 if fail_at == -1 else fail_at  # -1: while moving the new files in
+    real, calls = os.replace, []
+
+    def flaky(src, dst):
+        calls.append(src)
+        if len(calls) == stop:
+            raise OSError(28, "No space left on device")
+        return real(src, dst)
+
+    other, _ = build("bert", seed=1)
+    _compress_randomly(other, make, seed=1)
+    monkeypatch.setattr(ser.os, "replace", flaky)
+    with pytest.raises(OSError, match="No space"):
+        geta_hf.save_compressed(other, str(target))
+    monkeypatch.undo()
+    assert {n: (target / n).read_bytes() for n in os.listdir(target)} == before
+    assert sorted(os.listdir(tmp_path)) == ["ck"]

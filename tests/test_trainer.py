@@ -175,3 +175,24 @@ def test_clear_errors(tmp_path):
                     geta_config=GETAConfig(), optimizers=(torch.optim.SGD([torch.zeros(1)], 0.1), None))
     tr = GETATrainer(model=tiny_bert_qa(), args=plain, train_dataset=qa_rows(8), geta_config=GETAConfig())
     assert tr.qadg.num_groups == 104 and quant_layers(tr.model)
+
+
+def test_save_compressed_default_keeps_checkpoints_and_runs(tmp_path):
+    """trainer.save_compressed() with no folder writes <output_dir>/compressed and leaves the
+    Trainer's checkpoints and TensorBoard-style runs/ folder untouched (issue #16)."""
+    args = geta_args(tmp_path, save_strategy="steps", save_steps=20, max_steps=40)
+    trainer = GETATrainer(model=tiny_bert_qa(), args=args, train_dataset=qa_rows())
+    trainer.train()
+    runs = tmp_path / "runs" / "exp"
+    runs.mkdir(parents=True)
+    (runs / "events.out").write_text("scalars")
+    before = sorted(os.listdir(tmp_path))
+    assert {"checkpoint-20", "checkpoint-40"} <= set(before)
+    ckpt = {n: (tmp_path / "checkpoint-20" / n).stat().st_size
+            for n in os.listdir(tmp_path / "checkpoint-20")}
+    trainer.save_compressed()
+    assert sorted(os.listdir(tmp_path)) == sorted(before + ["compressed"])
+    assert (runs / "events.out").read_text() == "scalars"
+    assert {n: (tmp_path / "checkpoint-20" / n).stat().st_size
+            for n in os.listdir(tmp_path / "checkpoint-20")} == ckpt
+    tf.AutoModelForQuestionAnswering.from_pretrained(str(tmp_path / "compressed"))

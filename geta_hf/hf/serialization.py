@@ -15,7 +15,11 @@ from ..compress.subnet import ARCH_ATTR
 from ..compress.subnet import compress_model as _core_compress
 from .quantizer import GETAHfQuantizer, quantization_config_from_model
 
-__all__ = ["save_compressed", "attach_quantization_config", "compress_model", "model_card"]
+__all__ = ["save_compressed", "attach_quantization_config", "compress_model", "model_card",
+           "MANIFEST"]
+
+#: the list of files one ``save_compressed`` wrote, kept in the folder it wrote them to
+MANIFEST = "geta_save.json"
 
 
 def attach_quantization_config(model: nn.Module, geta_config: Optional[dict] = None,
@@ -100,9 +104,18 @@ def save_compressed(model: nn.Module, save_directory: str, *, processing_class=N
     ``quantization_config``), ``model.safetensors`` (bit-packed integer weights + float scales),
     the tokenizer/processor when given, and a ``README.md`` model card.
 
-    Everything is written to a temporary folder next to ``save_directory`` and renamed into place
-    at the end, so an interrupted save leaves any previous checkpoint intact. With
-    ``example_inputs`` the card includes MACs and BOPs.
+    Nothing that ``save_compressed`` did not write is ever deleted, moved or overwritten:
+
+    * a new (or empty) ``save_directory`` is written in a temporary folder beside it and renamed
+      into place;
+    * a folder of an earlier ``save_compressed`` (it holds the ``geta_save.json`` manifest of the
+      files written then) is updated file by file: the earlier save's files are moved aside,
+      the new ones moved in, and on any failure the earlier files are put back; files the user
+      added to that folder stay untouched;
+    * any other non-empty folder, or a file, is refused with :class:`FileExistsError`.
+
+    An interrupted save therefore leaves the previous checkpoint intact. With ``example_inputs``
+    the card includes MACs and BOPs.
     """
     arch = getattr(model, ARCH_ATTR, None)
     if not arch or not arch.get("compressed"):
@@ -118,6 +131,7 @@ def save_compressed(model: nn.Module, save_directory: str, *, processing_class=N
 
         stats = model_stats(model, example_inputs)
     target = os.path.abspath(save_directory)
+    previous = _check_target(target)
     parent = os.path.dirname(target)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=os.path.basename(target) + ".tmp-", dir=parent)
@@ -128,16 +142,80 @@ def save_compressed(model: nn.Module, save_directory: str, *, processing_class=N
         with open(os.path.join(tmp, "README.md"), "w") as f:
             f.write(model_card(model, stats=stats, eval_results=eval_results,
                                geta_config=gcfg, base_model=base_model))
-        old = None
-        if os.path.exists(target):
-            old = target + ".old"
-            if os.path.exists(old):
-                shutil.rmtree(old)
-            os.rename(target, old)
-        os.rename(tmp, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
+        _write_manifest(tmp)
+        if previous is None:
+            os.rename(tmp, target)  # a new folder: one atomic rename
+        else:
+            _swap_files(tmp, target, previous)
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
+
+
+# ---------------------------------------------------------------------------- safe writing
+def _read_manifest(folder: str) -> Optional[list]:
+    try:
+        with open(os.path.join(folder, MANIFEST)) as f:
+            files = json.load(f).get("files")
+    except (OSError, ValueError, AttributeError):
+        return None
+    ok = isinstance(files, list) and all(isinstance(n, str) and n and os.sep not in n
+                                         and n not in (".", "..") for n in files)
+    return files if ok else None
+
+
+def _check_target(target: str) -> Optional[list]:
+    """The files of an earlier save in ``target`` ([] for an empty folder), None if it does not
+    exist; refuse a file or a non-empty folder that ``save_compressed`` did not write."""
+    if not os.path.exists(target):
+        return None
+    if not os.path.isdir(target):
+        raise FileExistsError(f"save_compressed: {target!r} is a file; give a folder path (new, "
+                              "empty, or written by an earlier save_compressed)")
+    entries = sorted(os.listdir(target))
+    if not entries:
+        return []
+    files = _read_manifest(target)
+    if files is None:
+        raise FileExistsError(
+            f"save_compressed: {target!r} already holds {len(entries)} entr"
+            f"{'y' if len(entries) == 1 else 'ies'} (e.g. {entries[0]!r}) that save_compressed "
+            "did not write; nothing was changed. Save into a new or empty folder (for "
+            "GETATrainer: the default <output_dir>/compressed)")
+    return [n for n in files if os.path.exists(os.path.join(target, n))]
+
+
+def _write_manifest(folder: str) -> None:
+    files = sorted(os.listdir(folder)) + [MANIFEST]
+    with open(os.path.join(folder, MANIFEST), "w") as f:
+        json.dump({"writer": "geta_hf.save_compressed", "files": files}, f, indent=1)
+
+
+def _swap_files(new_dir: str, target: str, previous: list) -> None:
+    """Replace the earlier save's ``previous`` files in ``target`` by ``new_dir``'s files; on
+    failure put every earlier file back where it was."""
+    backup = tempfile.mkdtemp(prefix=os.path.basename(target) + ".old-", dir=os.path.dirname(target))
+    moved_out, moved_in = [], []
+    drop_backup = False  # only once every earlier file is replaced or back in place
+    try:
+        for name in previous:
+            os.replace(os.path.join(target, name), os.path.join(backup, name))
+            moved_out.append(name)
+        for name in sorted(os.listdir(new_dir), key=lambda n: n == MANIFEST):  # manifest last
+            dst = os.path.join(target, name)
+            if os.path.exists(dst):
+                raise FileExistsError(f"save_compressed: {dst!r} was not written by an earlier "
+                                      "save_compressed; nothing was changed")
+            os.replace(os.path.join(new_dir, name), dst)
+            moved_in.append(name)
+        drop_backup = True
+    except BaseException:
+        for name in moved_in:
+            os.replace(os.path.join(target, name), os.path.join(new_dir, name))
+        for name in moved_out:
+            os.replace(os.path.join(backup, name), os.path.join(target, name))
+        drop_backup = True
+        raise
+    finally:
+        if drop_backup:
+            shutil.rmtree(backup, ignore_errors=True)

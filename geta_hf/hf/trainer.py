@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 from typing import Any, Dict, Mapping, Optional
 
 import torch
@@ -230,8 +231,9 @@ class GETATrainer(DistillationTrainer):
                         eval_results: Optional[Mapping[str, float]] = None):
         """Compress and write the model with :func:`geta_hf.save_compressed` (rank 0 writes).
 
-        Returns the compressed model."""
-        output_dir = output_dir or self.args.output_dir
+        ``output_dir`` defaults to ``<args.output_dir>/compressed``, so the Trainer's checkpoints,
+        logs and ``runs/`` beside it are never touched. Returns the compressed model."""
+        output_dir = output_dir or os.path.join(self.args.output_dir, "compressed")
         small = self.compressed_model()
         if self.is_world_process_zero():
             save_compressed(small, output_dir, processing_class=self.processing_class,
