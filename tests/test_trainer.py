@@ -196,3 +196,26 @@ def test_save_compressed_default_keeps_checkpoints_and_runs(tmp_path):
     assert {n: (tmp_path / "checkpoint-20" / n).stat().st_size
             for n in os.listdir(tmp_path / "checkpoint-20")} == ckpt
     tf.AutoModelForQuestionAnswering.from_pretrained(str(tmp_path / "compressed"))
+
+
+def test_non_default_optim_is_refused_naming_qasso(tmp_path):
+    with pytest.raises(ValueError, match="--geta_optimizer"):
+        GETATrainer(model=tiny_bert_qa(), args=geta_args(tmp_path, optim="adafactor"),
+                    train_dataset=qa_rows())
+
+
+def test_tensorboard_event_file_holds_geta_scalars(tmp_path):
+    """report_to="tensorboard" works with the README's install; geta/* reach the event file."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    args = geta_args(tmp_path, report_to="tensorboard", max_steps=20)
+    GETATrainer(model=tiny_bert_qa(), args=args, train_dataset=qa_rows()).train()
+    events = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path) for f in fs
+              if "tfevents" in f]
+    assert events
+    tags = set()
+    for path in events:
+        acc = EventAccumulator(path)
+        acc.Reload()
+        tags |= set(acc.Tags()["scalars"])
+    assert {"train/geta/group_sparsity", "train/geta/relative_bops"} <= tags, tags

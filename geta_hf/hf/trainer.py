@@ -34,8 +34,23 @@ def _tensors_only(batch: Mapping[str, Any], rows: Optional[int] = None) -> Dict[
     return out
 
 
+#: ``--optim`` values that mean "the default AdamW": QASSO's dense step is then AdamW
+_DEFAULT_OPTIMS = ("adamw_torch", "adamw_torch_fused", "adamw_hf")
+
+
+def _check_optim(args) -> None:
+    """QASSO is the optimizer: a non-default ``--optim`` would be silently ignored, so refuse it."""
+    optim = getattr(args, "optim", None)
+    name = getattr(optim, "value", optim)
+    if name is not None and name not in _DEFAULT_OPTIMS:
+        raise ValueError(f"GETATrainer: --optim {name} is not supported: the optimizer is GETA's "
+                         "QASSO, whose dense step is chosen with --geta_optimizer (one of "
+                         "'adamw', 'adam', 'sgd'); leave --optim at its default")
+
+
 class GETACallback(TrainerCallback):
-    """Prints a progress line whenever QASSO enters a new stage (and asks for a log there)."""
+    """Logs a progress line (``logging``, logger ``geta_hf.hf.trainer``) whenever QASSO enters a
+    new stage, and asks the Trainer for a log there (so the ``geta/*`` figures are recorded)."""
 
     def __init__(self, trainer: "GETATrainer") -> None:
         self.trainer = trainer
@@ -51,10 +66,10 @@ class GETACallback(TrainerCallback):
                 control.should_log = True
                 if state.is_world_process_zero:
                     d = opt.describe()
-                    print(f"[geta] step {state.global_step}/{state.max_steps}: {self.last_stage} -> "
-                          f"{stage} (weight bits <= {d['b_u_weight']}, group sparsity "
-                          f"{d['group_sparsity']:.3f}, avg weight bits {d['avg_weight_bits'] or 0:.2f})",
-                          flush=True)
+                    logger.info("[geta] step %d/%d: %s -> %s (weight bits <= %s, group sparsity "
+                                "%.3f, avg weight bits %.2f)", state.global_step, state.max_steps,
+                                self.last_stage, stage, d["b_u_weight"], d["group_sparsity"],
+                                d["avg_weight_bits"] or 0.0)
             self.last_stage = stage
         return control
 
@@ -111,6 +126,7 @@ class GETATrainer(DistillationTrainer):
             raise ValueError("GETATrainer: the optimizer is QASSO, created by the trainer; do not pass "
                              "`optimizers`")
         self.geta_config = geta_config
+        _check_optim(args)
         super().__init__(model, args, *a, **kwargs)
         if getattr(self.args, "geta_tune_cpu_allocator", True) and self.args.device.type == "cpu":
             tune_cpu_allocator()
