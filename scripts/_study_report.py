@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import os
 import statistics
-from typing import Any, Callable, Dict, List, Mapping, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from _study_common import BIT_REDUCTION, METHODS, STAGES, Hyper, RunStore, Setting
 
@@ -108,31 +108,37 @@ def verdict(rows: Sequence[Mapping[str, Any]], metric: str, title: str, higher: 
     by_key = {r["key"]: r for r in rows}
     sign = 1 if higher else -1
     wins = losses = 0
-    for g in (r for r in rows if r["method"] == "geta"):
+    dense = by_key.get("dense")
+    for g in (r for r in rows if r["method"] in ("geta", "geta_kd")):
         setting = _setting_of(g)
-        seqs = [by_key[k] for k in (f"seq-{setting.tag}-max", f"seq-{setting.tag}-mse")
-                if k in by_key]
+        seqs = [by_key[f"{pre}-{setting.tag}-{clip}"] for pre in ("seq", "seq-kd")
+                for clip in ("max", "mse") if f"{pre}-{setting.tag}-{clip}" in by_key]
         if not seqs:
             continue
         best = max(seqs, key=lambda r: sign * r["metrics"][metric]["mean"])
         gm, gb = g["metrics"][metric]["mean"], g["relative_bops"]["mean"]
         sm, sb = best["metrics"][metric]["mean"], best["relative_bops"]["mean"]
-        won = _better(gm, sm, higher)
+        won = not _better(sm, gm, higher)  # at least equal
         wins, losses = wins + won, losses + (not won)
+        gap = ""
+        if dense is not None:
+            dm = dense["metrics"][metric]["mean"]
+            gap = f" Dense: {dm:.2f} ({title} {'-' if gm < dm else '+'}{abs(gm - dm):.2f})."
         lines.append(
-            f"- **sparsity {setting.sparsity:g}, {setting.bits_label}**: GETA {title} {gm:.2f} at "
-            f"{gb:.4f}x BOPs; best sequential ({best['label']}) {sm:.2f} at {sb:.4f}x BOPs. "
-            f"GETA is {'better' if won else '**not better**'}: {title} "
-            f"{'+' if gm >= sm else '-'}{abs(gm - sm):.2f}, at {gb / sb:.2f}x the baseline's BOPs.")
+            f"- **sparsity {setting.sparsity:g}, {setting.bits_label}**: {g['label']} {title} "
+            f"{gm:.2f} at {gb:.4f}x BOPs; best sequential arm ({best['label']}) {sm:.2f} at "
+            f"{sb:.4f}x BOPs. GETA is {'at least equal' if won else '**worse**'}: {title} "
+            f"{'+' if gm >= sm else '-'}{abs(gm - sm):.2f}, at {gb / sb:.2f}x the baseline's "
+            f"BOPs.{gap}")
     if wins and not losses:
-        lines.append(f"- Summary: GETA beats the sequential baseline in all {wins} matched "
-                     "setting(s) of this table.")
+        lines.append(f"- Summary: GETA is at least equal to the best sequential arm in all {wins} "
+                     "matched comparison(s) of this table.")
     elif losses and not wins:
-        lines.append(f"- Summary: GETA does **not** beat the sequential baseline in any of the "
-                     f"{losses} matched setting(s) of this table.")
+        lines.append(f"- Summary: GETA is **worse** than the best sequential arm in all {losses} "
+                     "matched comparison(s) of this table.")
     elif wins and losses:
-        lines.append(f"- Summary: GETA beats the sequential baseline in {wins} of "
-                     f"{wins + losses} matched settings and does **not** in {losses}.")
+        lines.append(f"- Summary: GETA is at least equal to the best sequential arm in {wins} of "
+                     f"{wins + losses} matched comparisons and **worse** in {losses}.")
     front = pareto(rows, metric, higher)
     if front:
         lines.append("- Pareto front (no other row has fewer BOPs and a better "
@@ -157,8 +163,9 @@ def pareto(rows: Sequence[Mapping[str, Any]], metric: str, higher: bool) -> List
 
 
 # ============================================================================ plotting
-_STYLE = {"dense": ("k", "*"), "geta": ("tab:red", "o"), "qat": ("tab:purple", "^"),
-          "prune": ("tab:green", "s"), "sequential": ("tab:blue", "D")}
+_STYLE = {"dense": ("k", "*"), "geta": ("tab:red", "o"), "geta_kd": ("tab:orange", "o"),
+          "qat": ("tab:purple", "^"), "prune": ("tab:green", "s"),
+          "sequential": ("tab:blue", "D"), "sequential_kd": ("tab:olive", "D")}
 
 
 def plot(per_dataset: Mapping[str, Sequence[Mapping[str, Any]]], metric: str, ylabel: str,
@@ -195,6 +202,38 @@ def plot(per_dataset: Mapping[str, Sequence[Mapping[str, Any]]], metric: str, yl
         ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_layer_bits(records: Sequence[Mapping[str, Any]], path: str, title: str) -> Optional[str]:
+    """Learned weight bits per layer of every GETA-style run (seed 0, or the first seed)."""
+    runs = {}
+    for rec in sorted(records, key=lambda r: r["seed"]):
+        if rec.get("layer_bits") and rec["method"] in ("geta", "geta_kd", "qat"):
+            runs.setdefault((rec["dataset"], rec["run"]), rec)
+    if not runs:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = list(next(iter(runs.values()))["layer_bits"])
+    fig, ax = plt.subplots(figsize=(max(6.4, 0.22 * len(layers)), 4.2))
+    width = 0.8 / len(runs)
+    for i, ((dataset, name), rec) in enumerate(runs.items()):
+        bits = [rec["layer_bits"].get(n, {}).get("weight") or 0 for n in layers]
+        ax.bar([j + i * width for j in range(len(layers))], bits, width,
+               label=f"{dataset}: {name} (seed {rec['seed']})")
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(layers))])
+    ax.set_xticklabels([n.replace("bert.encoder.layer.", "L").replace("model.layers.", "L")
+                        for n in layers], rotation=90, fontsize=6)
+    ax.set_ylabel("learned weight bits")
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
@@ -332,6 +371,10 @@ def render_section(store: RunStore, study: str, *, heading: str, metrics: Sequen
         lines += [f"Produced by (run time: {run_time_text(records)}, 2-core CPU):", "",
                   commands_text(records), "", method_text(hp, calibration_batches, records),
                   model_text, "", f"![{ylabel} vs relative BOPs]({os.path.basename(png)})", ""]
+        bits_png = plot_layer_bits(records, os.path.join(out_dir, f"bits_{study}.png"),
+                                   "Learned per-layer weight bits")
+        if bits_png:
+            lines += [f"![learned per-layer weight bits]({os.path.basename(bits_png)})", ""]
         for dataset, rows in per.items():
             lines += [f"### {dataset}", "", data_text(dataset, data_sizes(records, dataset)), "",
                       table(rows, metrics, metric_titles), "", seeds_note(rows), "",
