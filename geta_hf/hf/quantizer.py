@@ -295,7 +295,10 @@ class GETAHfQuantizer(HfQuantizer):
         return build_compressed_skeleton(model, self.quantization_config)
 
     def _process_model_after_weight_loading(self, model, **kwargs):
+        from .hub import bind_push_to_hub
+
         check_loaded_model(model, self.quantization_config)
+        bind_push_to_hub(model)  # a loaded compressed model pushes with its GETA card too
         return model
 
     def get_state_dict_and_metadata(self, model):

@@ -10,9 +10,10 @@ from typing import Any, Mapping, Optional
 
 from torch import nn
 
-from ..compress.report import format_stats_table
 from ..compress.subnet import ARCH_ATTR
 from ..compress.subnet import compress_model as _core_compress
+from .card import model_card
+from .hub import bind_push_to_hub
 from .quantizer import GETAHfQuantizer, quantization_config_from_model
 
 __all__ = ["save_compressed", "attach_quantization_config", "compress_model", "model_card",
@@ -31,6 +32,7 @@ def attach_quantization_config(model: nn.Module, geta_config: Optional[dict] = N
     qcfg = quantization_config_from_model(model, geta_config=geta_config, base_model=base_model)
     model.config.quantization_config = qcfg
     model.hf_quantizer = GETAHfQuantizer(qcfg, pre_quantized=True)
+    bind_push_to_hub(model)
 
 
 def compress_model(model: nn.Module, qadg, **kwargs) -> nn.Module:
@@ -42,67 +44,17 @@ def compress_model(model: nn.Module, qadg, **kwargs) -> nn.Module:
     return model
 
 
-def _base_model_name(model: nn.Module) -> Optional[str]:
-    cfg = getattr(model, "config", None)
-    name = getattr(cfg, "_name_or_path", None) or None
-    if name and os.path.isabs(name):  # a local path says nothing to readers of the card
-        return os.path.basename(name.rstrip("/")) or None
-    return name
-
-
-def model_card(model: nn.Module, stats: Optional[Mapping[str, Any]] = None,
-               eval_results: Optional[Mapping[str, float]] = None,
-               geta_config: Optional[Mapping[str, Any]] = None,
-               base_model: Optional[str] = None) -> str:
-    """The README.md written next to a compressed checkpoint."""
-    arch = getattr(model, ARCH_ATTR, {}) or {}
-    cls = type(model).__name__
-    base = base_model or _base_model_name(model) or "unknown"
-    lines = ["---", "library_name: transformers", "tags:", "- geta-hf", "- pruning",
-             "- quantization", "- mixed-precision"]
-    if base != "unknown" and "/" in base:
-        lines.append(f"base_model: {base}")
-    lines += ["---", "", f"# {cls} compressed with GETA",
-              "",
-              f"Base model: `{base}`. Task head: `{cls}`. This checkpoint was pruned (whole "
-              "attention heads / GQA kv-groups / MLP channels removed, per layer) and quantized "
-              "with per-layer learned bit widths by [geta-hf](https://github.com/) "
-              "(GETA, Qu et al., CVPR 2025).", "",
-              "```python", "import geta_hf  # registers the 'geta' quantization method",
-              "from transformers import AutoModel  # or the task's AutoModelFor* class",
-              "model = AutoModel.from_pretrained(\"<this folder or repo>\")", "```", ""]
-    if stats:
-        lines += ["## Compression", "", format_stats_table(stats), ""]
-    fams = arch.get("families", {})
-    if fams:
-        lines += ["## Heads and channels kept", "", "| family | kind | kept | of |",
-                  "|---|---|---:|---:|"]
-        lines += [f"| {n} | {f['kind']} | {len(f['kept'])} | {f['units']} |" for n, f in fams.items()]
-        lines.append("")
-    packed = arch.get("packed_layers", {})
-    if packed:
-        hist = {}
-        for b in packed.values():
-            hist[b] = hist.get(b, 0) + 1
-        lines += ["## Weight bit widths", "",
-                  ", ".join(f"{n} layer(s) at {b} bits" for b, n in sorted(hist.items())), ""]
-    if eval_results:
-        lines += ["## Evaluation", "", "| metric | value |", "|---|---:|"]
-        lines += [f"| {k} | {v:.4g} |" for k, v in eval_results.items()] + [""]
-    if geta_config:
-        lines += ["## GETA settings", "", "```json", json.dumps(dict(geta_config), indent=1,
-                                                                 sort_keys=True), "```", ""]
-    return "\n".join(lines)
-
-
 def save_compressed(model: nn.Module, save_directory: str, *, processing_class=None,
                     eval_results: Optional[Mapping[str, float]] = None,
                     example_inputs: Optional[Mapping[str, Any]] = None,
                     geta_config: Optional[Mapping[str, Any]] = None,
-                    base_model: Optional[str] = None) -> str:
+                    base_model: Optional[str] = None, dataset: Optional[str] = None,
+                    license: Optional[str] = None) -> str:
     """Write a compressed model as a standard HF folder: ``config.json`` (with the ``geta``
     ``quantization_config``), ``model.safetensors`` (bit-packed integer weights + float scales),
-    the tokenizer/processor when given, and a ``README.md`` model card.
+    the tokenizer/processor when given, and a ``README.md`` model card
+    (:func:`geta_hf.hf.card.model_card`: ``base_model``, tags, ``model-index`` from
+    ``eval_results`` on ``dataset``, ``license``).
 
     Nothing that ``save_compressed`` did not write is ever deleted, moved or overwritten:
 
@@ -141,7 +93,8 @@ def save_compressed(model: nn.Module, save_directory: str, *, processing_class=N
             processing_class.save_pretrained(tmp)
         with open(os.path.join(tmp, "README.md"), "w") as f:
             f.write(model_card(model, stats=stats, eval_results=eval_results,
-                               geta_config=gcfg, base_model=base_model))
+                               geta_config=gcfg, base_model=base_model, dataset=dataset,
+                               license=license))
         _write_manifest(tmp)
         if previous is None:
             os.rename(tmp, target)  # a new folder: one atomic rename

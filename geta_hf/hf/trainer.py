@@ -15,6 +15,7 @@ from ..config import GETAConfig
 from ..graph.qadg import build_qadg
 from ..quant.prepare import prepare_model
 from ..utils import tune_cpu_allocator
+from .card import GETA_TAGS
 from .distill import DistillationTrainer
 from .resume import check_checkpoint, last_complete_checkpoint
 from .serialization import compress_model, save_compressed
@@ -134,6 +135,8 @@ class GETATrainer(DistillationTrainer):
         # over accumulation steps (see HF-NOTES, "loss-scaling trap").
         self.model_accepts_loss_kwargs = False
         self._geta_total_steps: Optional[int] = None
+        if hasattr(self.model, "add_model_tags"):  # the Trainer's own card says it was GETA
+            self.model.add_model_tags(list(GETA_TAGS))
         self._geta_setup(example_inputs)
         self.add_callback(GETACallback(self))
 
@@ -242,6 +245,30 @@ class GETATrainer(DistillationTrainer):
         model.eval()
         compress_model(model, self.qadg, example_inputs=self._geta_example)
         return model
+
+    def push_to_hub(self, commit_message: Optional[str] = "End of training", blocking: bool = True,
+                    token: Optional[str] = None, revision: Optional[str] = None, **kwargs):
+        """Upload the **compressed** model, its tokenizer and the GETA model card.
+
+        Written first to ``<output_dir>/compressed`` (:meth:`save_compressed`), then uploaded to
+        ``args.hub_model_id`` (default: the name of ``output_dir``) with
+        :func:`geta_hf.hf.hub.push_compressed_to_hub`. Keyword arguments: ``eval_results``,
+        ``dataset``, ``license`` (for the card's ``model-index``), ``private``, ``create_pr``.
+        Rank 0 uploads; other ranks return None."""
+        from .hub import push_compressed_to_hub
+
+        eval_results = kwargs.pop("eval_results", None)
+        small = self.save_compressed(eval_results=eval_results)
+        if not self.is_world_process_zero():
+            return None
+        args = self.args
+        repo_id = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
+        return push_compressed_to_hub(
+            small, repo_id, commit_message=commit_message or "End of training",
+            private=kwargs.pop("private", getattr(args, "hub_private_repo", None)),
+            token=token or getattr(args, "hub_token", None), revision=revision,
+            processing_class=self.processing_class, eval_results=eval_results,
+            geta_config=self.geta_config.to_dict(), blocking=blocking, **kwargs)
 
     def save_compressed(self, output_dir: Optional[str] = None,
                         eval_results: Optional[Mapping[str, float]] = None):
