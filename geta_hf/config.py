@@ -97,7 +97,9 @@ class GETAConfig:
         activation_bits: ``(b_l, b_u)`` for layer inputs, or ``None`` for weight-only quantization.
         bit_reduction: how much the upper bit bound drops at each projection period (§3.2).
             The bound never goes below ``b_l``.
-        quantizer: ``"nonlinear"`` (learned exponent ``t``) or ``"linear"`` (``t = 1``, no parameter).
+        quantizer: ``"linear"`` (``t = 1``, no parameter; the default) or ``"nonlinear"`` (the
+            paper's learned exponent ``t``). Linear is the default because a learned ``t`` warps
+            every weight to ``sign(x)|x|^t`` as it drifts (README, "Deliberate differences").
         warmup, projection, joint: stage lengths. A ``float`` in ``[0, 1]`` is a fraction of the
             total optimizer steps, an ``int >= 0`` an absolute number of steps. Cool-down is
             whatever remains.
@@ -120,7 +122,7 @@ class GETAConfig:
     weight_bits: Sequence[int] = (4, 16)
     activation_bits: Optional[Sequence[int]] = None
     bit_reduction: int = 2
-    quantizer: str = "nonlinear"
+    quantizer: str = "linear"
     warmup: StageLength = 0.1
     projection: StageLength = 0.2
     joint: StageLength = 0.4

@@ -51,7 +51,7 @@ def test_invalid_values_raise_clear_errors(kwargs, match):
 def test_defaults_are_valid_and_documented_values():
     cfg = GETAConfig()
     assert cfg.target_group_sparsity == 0.5 and tuple(cfg.weight_bits) == (4, 16)
-    assert cfg.activation_bits is None and cfg.quantizer == "nonlinear" and cfg.nonlinear
+    assert cfg.activation_bits is None and cfg.quantizer == "linear" and not cfg.nonlinear
     assert set(cfg.importance_weights) == set(IMPORTANCE_CRITERIA)
     assert all(v == 0.2 for v in cfg.importance_weights.values())
 

@@ -533,7 +533,8 @@ def test_upper_bound_never_below_lower_bound():
 
 
 def test_lr_scheduler_is_honoured():
-    cfg = GETAConfig(weight_bits=(4, 8), warmup=1.0, projection=0.0, joint=0.0, quant_lr=1e-3)
+    cfg = GETAConfig(weight_bits=(4, 8), warmup=1.0, projection=0.0, joint=0.0, quant_lr=1e-3,
+                     quantizer="nonlinear")
     model, _, qadg = _setup("llama", cfg)
     opt = QASSO(model, qadg, cfg, lr=0.1, variant="sgd", total_steps=4)
     factors = [1.0, 0.1, 0.5, 2.0, 1.0]  # LambdaLR evaluates one factor ahead

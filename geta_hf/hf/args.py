@@ -57,8 +57,8 @@ class GETATrainingArguments(TrainingArguments):
         "help": "Input (activation) bit range b_l b_u; omit for weight-only quantization."})
     geta_bit_reduction: int = field(default=2, metadata={
         "help": "Bits removed from the upper bound at each projection period (never below b_l)."})
-    geta_quantizer: str = field(default="nonlinear", metadata={
-        "help": "Quantizer kind: 'nonlinear' (learned exponent t) or 'linear'.",
+    geta_quantizer: str = field(default="linear", metadata={
+        "help": "Quantizer kind: 'linear' (default) or 'nonlinear' (the paper's learned exponent t).",
         "choices": ["nonlinear", "linear"]})
     geta_warmup: float = field(default=0.1, metadata={
         "help": "Warm-up length: a fraction of the training steps (<= 1) or a number of steps (> 1)."})
