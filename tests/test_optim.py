@@ -135,10 +135,10 @@ def test_variants_quantizer_kinds_and_pruning_only(variant, quantizer):
 
 # ----------------------------------------------------------------------------- §3.5 by hand
 class _MLP(nn.Module):
-    def __init__(self):
+    def __init__(self, n_in=3, hidden=4):
         super().__init__()
-        self.up = nn.Linear(3, 4)
-        self.down = nn.Linear(4, 2)
+        self.up = nn.Linear(n_in, hidden)
+        self.down = nn.Linear(hidden, 2)
 
     def forward(self, x):
         return self.down(torch.relu(self.up(x)))
@@ -712,16 +712,6 @@ def _best_clip_error(w, bits, grid=2000):
     return min(errs)
 
 
-class _Wide(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.up = nn.Linear(256, 64)
-        self.down = nn.Linear(64, 2)
-
-    def forward(self, x):
-        return self.down(torch.relu(self.up(x)))
-
-
 def test_clip_is_learned_for_a_heavy_tailed_weight_at_4_bits():
     """A layer with max|W| / rms ~ 25 (Gaussian weights plus a few outliers) trained to 4 bits
     ends with a clip whose quantization error is within 1.5x of the MSE-optimal clip's; the
@@ -729,7 +719,7 @@ def test_clip_is_learned_for_a_heavy_tailed_weight_at_4_bits():
     from geta_hf.quant import d_for_bits, fake_quantize
 
     torch.manual_seed(0)
-    model = _Wide()
+    model = _MLP(256, 64)
     with torch.no_grad():
         w = torch.randn(64, 256) * 0.02
         w.view(-1)[torch.randperm(w.numel())[:8]] = torch.tensor([0.5, -0.5] * 4)
