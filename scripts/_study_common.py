@@ -52,6 +52,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: the real SQuAD slice shared by this machine's projects (answerable questions are used)
 SQUAD_SLICE = os.path.normpath(os.path.join(REPO, "..", "shared", "data", "squad-v2-dev-slice.json"))
 METHODS = ("dense", "geta", "geta_kd", "qat", "prune", "sequential", "sequential_kd")
+#: the methods without distillation (the LM study's default)
+BASE_METHODS = ("dense", "geta", "qat", "prune", "sequential")
 #: bumped when the GETA method changes, so stored runs of an older method are not reused
 METHOD_VERSION = 2
 #: knowledge distillation of the ``*_kd`` arms (teacher: the same seed's dense model)

@@ -171,7 +171,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=40,
                    help="optimizer steps per method (sequential: half before, half after pruning)")
     p.add_argument("--seeds", default="0", help="comma-separated training seeds")
-    p.add_argument("--methods", default=",".join(sc.METHODS),
+    p.add_argument("--methods", default=",".join(sc.BASE_METHODS),
                    help=f"comma-separated, among {','.join(sc.METHODS)}")
     p.add_argument("--out", default=os.path.join(sc.REPO, "docs"),
                    help="results pages, plots and the per-run JSON records")
