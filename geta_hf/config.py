@@ -116,6 +116,11 @@ class GETAConfig:
         act_calibration_batches: batches used to initialise activation ranges from data.
         act_calibration_percentile: percentile of ``|x|`` used as the initial activation clip
             ``q_m`` (100 = max), in ``(0, 100]``.
+        target_relative_bops: BOPs of the compressed model relative to dense fp32 (in
+            ``(0, 1]``) to reach when the bits freeze: weight layers then lose bits where the
+            Fisher-weighted quantization error per BOP saved is smallest (never below
+            ``b_l``). ``None``: the bits are the rounded learned ones. Needs a BOPs estimator
+            (``GETATrainer`` builds one; ``QASSO(..., bops_estimator=...)`` otherwise).
     """
 
     target_group_sparsity: float = 0.5
@@ -137,6 +142,7 @@ class GETAConfig:
     quant_lr: float = 1e-3
     act_calibration_batches: int = 4
     act_calibration_percentile: float = 100.0
+    target_relative_bops: Optional[float] = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -198,6 +204,9 @@ class GETAConfig:
         p = self.act_calibration_percentile
         if not _is_real(p) or not (0.0 < p <= 100.0):
             raise _err("act_calibration_percentile", p, "a number in (0, 100]")
+        b = self.target_relative_bops
+        if b is not None and (not _is_real(b) or not (0.0 < b <= 1.0)):
+            raise _err("target_relative_bops", b, "None or a number in (0, 1]")
 
     @staticmethod
     def _check_bits(name: str, v: Any, optional: bool) -> None:

@@ -811,3 +811,27 @@ def test_forgetting_is_progressive():
     assert (history[8] / n0 < 0.45).all()  # most of the norm is gone before the commit
     assert (history[9] == 0).all()
     assert opt.describe()["forget_budget_bound_steps"] <= 2
+
+
+def test_allocate_bits_lowers_the_cheapest_error_per_bop_first():
+    from geta_hf.optim.budget import allocate_bits
+
+    # error(l, b) = s_l * 4^(8 - b): each bit less quadruples the error, s_l = sensitivity
+    sens, costs = [1.0, 10.0, 0.5], [1.0, 1.0, 4.0]
+    err = lambda i, b: sens[i] * 4.0 ** (8 - b)  # noqa: E731
+    # error added per BOP saved: layer 2 0.375, 1.5, 6, ...; layer 0 3, 12, ...; layer 1 30
+    assert allocate_bits([8, 8, 8], [4, 4, 4], costs, 0.0, 44, err) == [8, 8, 7]
+    assert allocate_bits([8, 8, 8], [4, 4, 4], costs, 0.0, 40, err) == [8, 8, 6]
+    assert allocate_bits([8, 8, 8], [4, 4, 4], costs, 0.0, 36, err) == [7, 8, 5]
+    assert allocate_bits([8, 8, 8], [4, 4, 4], costs, 0.0, 100.0, err) == [8, 8, 8]  # met
+    assert allocate_bits([8, 8, 8], [4, 4, 4], costs, 5.0, 1.0, err) == [4, 4, 4]  # unreachable
+
+
+def test_weighted_error_grows_as_bits_fall_and_scales_with_fisher():
+    from geta_hf.optim.budget import weighted_error
+
+    w = torch.randn(64, 64, generator=torch.Generator().manual_seed(0))
+    f = torch.ones_like(w)
+    errs = [weighted_error(w, f, b) for b in (8, 6, 4, 3)]
+    assert errs == sorted(errs) and errs[0] < errs[-1] / 100
+    assert weighted_error(w, 3 * f, 4) == pytest.approx(3 * errs[2], rel=1e-5)

@@ -302,3 +302,27 @@ def test_compressed_model_push_to_hub_includes_the_card(tmp_path, monkeypatch):
     again = tmp_path / "hub" / "me" / "again"
     assert "geta" in ModelCard.load(str(again / "README.md")).data.tags
     assert (again / "model.safetensors").read_bytes() == (up / "model.safetensors").read_bytes()
+
+
+def test_bops_budget_is_met_with_bits_that_differ_by_layer(tmp_path):
+    """--geta_target_relative_bops: the compressed model's measured relative BOPs (model_stats)
+    reach the target, and the layers get different bit widths (by sensitivity per BOP)."""
+    import geta_hf
+
+    args = geta_args(tmp_path, geta_activation_bits=None, geta_weight_bits=[4, 8],
+                     geta_bit_reduction=0, geta_target_relative_bops=0.25, max_steps=40)
+    trainer = GETATrainer(model=tiny_bert_qa(), args=args, train_dataset=qa_rows())
+    trainer.train()
+    small = trainer.compressed_model()
+    batch = {k: torch.stack([r[k] for r in qa_rows(2, seed=3)]) for k in ("input_ids", "attention_mask")}
+    stats = geta_hf.model_stats(small, batch)
+    assert stats["relative"]["bops"] <= 0.25 + 1e-6  # all 4 bits: 0.209, all 8 bits: 0.293
+    bits = [r["weight_bits"] for r in stats["layers"] if r["kind"] == "linear" and r["weight_bits"] < 32]
+    assert len(set(bits)) > 1 and min(bits) >= 4 and max(bits) <= 8, bits
+    unbudgeted = geta_args(tmp_path / "free", geta_activation_bits=None, geta_weight_bits=[4, 8],
+                           geta_bit_reduction=0, max_steps=40)
+    free = GETATrainer(model=tiny_bert_qa(), args=unbudgeted, train_dataset=qa_rows())
+    free.train()
+    assert geta_hf.model_stats(free.compressed_model(), batch)["relative"]["bops"] > 0.25
+    with pytest.raises(ValueError, match="target_relative_bops"):
+        geta_args(tmp_path, geta_target_relative_bops=1.5)

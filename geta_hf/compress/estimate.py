@@ -56,20 +56,51 @@ class BopsEstimator:
                               "families": fams, "module": mod})
         self.dense_macs = sum(r["macs"] for r in self.rows)
 
-    @torch.no_grad()
-    def estimate(self, model: nn.Module, norms: Optional[torch.Tensor] = None) -> Dict[str, float]:
-        """``{"macs", "bops", "relative_macs", "relative_bops"}`` (relative to dense fp32)."""
+    def _kept(self, model: nn.Module, norms: Optional[torch.Tensor]) -> List[float]:
         if norms is None:
             norms = self.qadg.group_norms(model)
         kept = []
         for f in self.qadg.families:
             n = norms[f.offset:f.offset + f.num_units]
             kept.append(max(int((n != 0).sum()), 1) / f.num_units)
+        return kept
+
+    def _macs(self, row: dict, kept: List[float]) -> float:
+        m = float(row["macs"])
+        for fi in row["families"]:
+            m *= kept[fi]
+        return m
+
+    @torch.no_grad()
+    def weight_bit_costs(self, model: nn.Module, layers: List[nn.Module]):
+        """How the relative BOPs depend on the weight bits of ``layers``, right now.
+
+        Returns ``(costs, fixed)``: relative BOPs = ``fixed + sum_l costs[l] * weight_bits[l]``,
+        ``costs[l]`` = the layer's current MACs x its input bits / dense fp32 BOPs, and
+        ``fixed`` = everything else (layers not listed, attention products)."""
+        kept = self._kept(model, None)
+        index = {id(m): i for i, m in enumerate(layers)}
+        costs = [0.0] * len(layers)
+        fixed = 0.0
+        dense = (float(self.dense_macs) or 1.0) * 32 * 32
+        for r in self.rows:
+            m = self._macs(r, kept)
+            mod = r["module"]
+            if r["kind"] == "linear" and mod is not None and id(mod) in index:
+                costs[index[id(mod)]] += m * layer_bits(mod)["act"] / dense
+            else:
+                bits = layer_bits(mod) if (r["kind"] == "linear" and mod is not None) \
+                    else {"weight": 32, "act": 32}
+                fixed += m * bits["weight"] * bits["act"] / dense
+        return costs, fixed
+
+    @torch.no_grad()
+    def estimate(self, model: nn.Module, norms: Optional[torch.Tensor] = None) -> Dict[str, float]:
+        """``{"macs", "bops", "relative_macs", "relative_bops"}`` (relative to dense fp32)."""
+        kept = self._kept(model, norms)
         macs = bops = 0.0
         for r in self.rows:
-            m = float(r["macs"])
-            for fi in r["families"]:
-                m *= kept[fi]
+            m = self._macs(r, kept)
             bits = layer_bits(r["module"]) if (r["kind"] == "linear" and r["module"] is not None) \
                 else {"weight": 32, "act": 32}
             macs += m

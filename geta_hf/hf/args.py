@@ -90,6 +90,10 @@ class GETATrainingArguments(TrainingArguments):
         "help": "Training batches used to initialise input (activation) ranges."})
     geta_act_calibration_percentile: float = field(default=100.0, metadata={
         "help": "Percentile of |input| used as the initial clip (100 = max)."})
+    geta_target_relative_bops: Optional[float] = field(default=None, metadata={
+        "help": "BOPs of the compressed model relative to dense fp32, in (0, 1], reached when the "
+                "bits freeze by lowering the bits of the least sensitive layers per BOP saved "
+                "(default: none, bits = rounded learned bits)."})
     geta_optimizer: str = field(default="adamw", metadata={
         "help": "Dense update of QASSO: 'adamw', 'adam' or 'sgd'.", "choices": ["adamw", "adam", "sgd"]})
     geta_tune_cpu_allocator: bool = field(default=True, metadata={
@@ -137,4 +141,5 @@ class GETATrainingArguments(TrainingArguments):
             quant_lr=self.geta_quant_lr,
             act_calibration_batches=self.geta_act_calibration_batches,
             act_calibration_percentile=self.geta_act_calibration_percentile,
+            target_relative_bops=self.geta_target_relative_bops,
         )

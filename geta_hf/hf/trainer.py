@@ -202,7 +202,8 @@ class GETATrainer(DistillationTrainer):
                 self.model if model is None else model, self.qadg, self.geta_config,
                 lr=args.learning_rate, variant=getattr(args, "geta_optimizer", "adamw"),
                 total_steps=int(total), weight_decay=args.weight_decay,
-                betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
+                betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
+                bops_estimator=self._bops)
         return self.optimizer
 
     @property

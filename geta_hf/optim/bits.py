@@ -19,17 +19,22 @@ One job: keep every quantizer's bit width inside its range while the clip and st
   when the bits are frozen, each weight quantizer's clip is set to the MSE-optimal clip at the
   layer's *current* bits (:func:`geta_hf.quant.calibrate.mse_clip`), keeping the bits.
 * **Freeze** (§3.2 cool-down): ``bits = clamp(round(b), b_l, b_u_cur)``, then after each step
-  ``d = d(bits, q_m, t)`` exactly, while ``q_m`` keeps learning.
+  ``d = d(bits, q_m, t)`` exactly, while ``q_m`` keeps learning. With a BOPs target
+  (``GETAConfig.target_relative_bops``) the weight bits are then lowered where the
+  Fisher-weighted quantization error per BOP saved is smallest until the target holds
+  (:mod:`.budget`), so the bit widths differ by layer according to each layer's sensitivity
+  and cost.
 """
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 
 from ..quant.calibrate import mse_clip
 from ..quant.functional import EPS, T_MIN
+from .budget import allocate_bits, weighted_error
 from .layout import QuantTable, denominators
 from .schedule import StagePlan
 
@@ -45,9 +50,15 @@ def _grads(params: List[torch.Tensor]) -> Optional[torch.Tensor]:
 class BitController:
     """Bit-range projection, log-space quantizer steps, clip calibration and bit freezing."""
 
-    def __init__(self, quant: QuantTable, plan: StagePlan) -> None:
+    def __init__(self, quant: QuantTable, plan: StagePlan, target_bops: Optional[float] = None,
+                 bit_costs: Optional[Callable[[], Tuple[List[float], float]]] = None,
+                 fisher: Optional[Callable[[int], torch.Tensor]] = None) -> None:
+        """``target_bops``: relative BOPs to reach when the bits freeze (:mod:`.budget`), with
+        ``bit_costs()`` -> ``(per weight layer BOPs per bit, the rest)`` and ``fisher(i)`` the
+        diagonal Fisher estimate of weight ``i``."""
         self.quant = quant
         self.plan = plan
+        self.target_bops, self._bit_costs, self._fisher = target_bops, bit_costs, fisher
         self.frozen_bits: Optional[torch.Tensor] = None
         self._frozen_den: Optional[torch.Tensor] = None
         self._den_cache: dict = {}
@@ -155,8 +166,24 @@ class BitController:
                           dtype=torch.float32, device=q.device)
         bits = q.bits().float()
         bits = torch.where(torch.isfinite(bits), bits, hi)  # a degenerate quantizer: keep b_u
-        self.set_frozen(torch.minimum(torch.maximum(torch.round(bits), lo), hi))
+        bits = torch.minimum(torch.maximum(torch.round(bits), lo), hi)
+        if self.target_bops is not None and q.n_weight:
+            bits = self._within_budget(bits, lo)
+        self.set_frozen(bits)
         self.calibrate(self.frozen_bits)
+
+    def _within_budget(self, bits: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
+        """Lower weight bits (Fisher-weighted error per BOP, :func:`.budget.allocate_bits`)
+        until the relative BOPs reach ``target_bops``."""
+        n = self.quant.n_weight
+        costs, fixed = self._bit_costs()
+        weights = self.quant.weights
+        chosen = allocate_bits(
+            [int(b) for b in bits[:n].tolist()], [int(b) for b in lo[:n].tolist()], costs, fixed,
+            self.target_bops, lambda i, b: weighted_error(weights[i], self._fisher(i), b))
+        out = bits.clone()
+        out[:n] = torch.tensor(chosen, dtype=bits.dtype, device=bits.device)
+        return out
 
     def set_frozen(self, bits: Optional[torch.Tensor]) -> None:
         self.frozen_bits = bits

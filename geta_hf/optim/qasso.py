@@ -94,6 +94,9 @@ class QASSO(torch.optim.Optimizer):
         weight_decay: of the weights group (default 0.01 for ``adamw``, else 0). Quantizer scalars
             never decay.
         betas, eps: Adam/AdamW moments; momentum, dampening, nesterov: SGD.
+        bops_estimator: a :class:`geta_hf.compress.BopsEstimator` of this model, needed when
+            ``cfg.target_relative_bops`` is set (the bits then meet that BOPs budget when they
+            freeze, see :mod:`geta_hf.optim.budget`).
         skip_nonfinite: skip (with a warning) any step whose gradients hold NaN or Inf, leaving
             weights, quantizers and optimizer state untouched (see the module docstring).
             ``False`` removes the per-step check (one host sync) for callers that do their own.
@@ -127,7 +130,7 @@ class QASSO(torch.optim.Optimizer):
                  quant_lr: Optional[float] = None, weight_decay: Optional[float] = None,
                  betas: Sequence[float] = (0.9, 0.999), eps: float = 1e-8, momentum: float = 0.0,
                  dampening: float = 0.0, nesterov: bool = False,
-                 skip_nonfinite: bool = True) -> None:
+                 skip_nonfinite: bool = True, bops_estimator=None) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"QASSO: model must be a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(qadg, QADG):
@@ -192,7 +195,7 @@ class QASSO(torch.optim.Optimizer):
         self._weights = weights
         self._plan = StagePlan.from_config(cfg, total_steps, qadg.num_groups)
         self._units = PruningController(model, qadg, cfg, self._plan, named)
-        self._bits = BitController(self._quant, self._plan)
+        self._bits = self._bit_controller(model, cfg, bops_estimator)
         self._check_budget()
         self._step = 0
         self._warned_past_end = False
@@ -216,6 +219,28 @@ class QASSO(torch.optim.Optimizer):
                            "quantizers", cfg.activation_bits)
         if not layers:
             logger.info("QASSO: the model has no quantized layer: pruning only")
+
+    def _bit_controller(self, model: nn.Module, cfg: GETAConfig, estimator) -> BitController:
+        target = cfg.target_relative_bops
+        if target is None or not len(self._quant):
+            return BitController(self._quant, self._plan)
+        if estimator is None:
+            raise ValueError("QASSO: cfg.target_relative_bops is set but no bops_estimator was "
+                             "given; pass bops_estimator=geta_hf.compress.BopsEstimator(model, "
+                             "qadg, example_inputs) (GETATrainer does this itself)")
+        layers = [m for _, m in quant_layers(model)]
+        return BitController(self._quant, self._plan, target,
+                             bit_costs=lambda: estimator.weight_bit_costs(model, layers),
+                             fisher=self._fisher)
+
+    def _fisher(self, i: int) -> torch.Tensor:
+        """Diagonal Fisher estimate of weight quantizer ``i``'s weight: Adam's second moment,
+        else the squared gradient, else ones."""
+        p = self._quant.weights[i]
+        st = self._inner.state.get(p, {})
+        if "exp_avg_sq" in st:
+            return st["exp_avg_sq"]
+        return p.grad.square() if p.grad is not None else torch.ones_like(p)
 
     def _check_budget(self) -> None:
         plan = self._plan
