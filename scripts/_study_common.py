@@ -102,10 +102,12 @@ class Setting:
     sparsity: float = 0.0
     weight_bits: Optional[Tuple[int, int]] = None
     act_bits: Optional[Tuple[int, int]] = None
+    #: GETA's ``target_relative_bops`` (None: the rounded learned bits)
+    bops: Optional[float] = None
 
     @property
     def tag(self) -> str:
-        """Short id used in run names, e.g. ``s0.5-w4-8-a8-16``."""
+        """Short id used in run names, e.g. ``s0.5-w4-8-a8-16`` or ``s0.5-w4-8-B0.2``."""
         parts = []
         if self.sparsity:
             parts.append(f"s{self.sparsity:g}")
@@ -113,6 +115,8 @@ class Setting:
             parts.append("w{}-{}".format(*self.weight_bits))
         if self.act_bits:
             parts.append("a{}-{}".format(*self.act_bits))
+        if self.bops is not None:
+            parts.append(f"B{self.bops:g}")
         return "-".join(parts) or "fp32"
 
     @property
@@ -122,6 +126,8 @@ class Setting:
         out = "w[{},{}]".format(*self.weight_bits)
         if self.act_bits:
             out += " a[{},{}]".format(*self.act_bits)
+        if self.bops is not None:
+            out += f" BOPs<={self.bops:g}"
         return out
 
     def geta_config(self, **overrides):
@@ -140,7 +146,7 @@ class Setting:
                   bit_reduction=BIT_REDUCTION, warmup=STAGES["warmup"],
                   projection=STAGES["projection"], joint=STAGES["joint"],
                   projection_periods=STAGES["projection_periods"],
-                  pruning_periods=STAGES["pruning_periods"])
+                  pruning_periods=STAGES["pruning_periods"], target_relative_bops=self.bops)
         kw.update(overrides)
         return GETAConfig(**kw)
 
@@ -434,6 +440,7 @@ def _row(run: Run, key: str, label: str, setting: Setting, measured: Dict[str, A
     return {"key": key, "method": run.method, "label": label, "sparsity": setting.sparsity,
             "weight_bits": list(setting.weight_bits) if setting.weight_bits else None,
             "act_bits": list(setting.act_bits) if setting.act_bits else None,
+            "bops_target": setting.bops,
             "note": note, **measured}
 
 
@@ -472,7 +479,7 @@ class Runner:
         rec = None if rerun else self.store.load(self.task, self.seed, run.name)
         if rec is not None:
             log(f"{self.task.dataset} seed {self.seed}: {run.name}: stored result reused")
-            return rec
+            return self.top_up(run, rec)
         log(f"{self.task.dataset} seed {self.seed}: {run.name} ({self.hp.steps} steps) ...")
         t0 = time.perf_counter()
         rows, extra = getattr(self, f"_{run.method}")(run)
@@ -584,15 +591,25 @@ class Runner:
         extra_kw = dict(trainer_cls=geta_hf.DistillationTrainer, **self._teacher()) if kd else {}
         _, secs = train(model, self.task, args, callbacks=[KeepUnitsZero(qadg, model, units)],
                         **extra_kw)
-        rows = []
+        save_snapshot(model, self._out(f"{run.name}-ft.safetensors"))  # for later PTQ targets
         tag = "-kd" if kd else ""
         m = self._measure_compressed(copy.deepcopy(model), qadg)
-        rows.append(_row(run, f"magprune{tag}-s{s:g}", "magnitude pruning + fine-tuning (fp32)"
-                         + (" + KD" if kd else ""), run.setting, m,
-                         note="sequential before quantization"))
+        rows = [_row(run, f"magprune{tag}-s{s:g}", "magnitude pruning + fine-tuning (fp32)"
+                     + (" + KD" if kd else ""), run.setting, m,
+                     note="sequential before quantization")]
+        ptq_rows, used_bits = self._ptq_rows(run, model, qadg, run.ptq)
+        extra = {"train_seconds": secs, "pruned_units": len(units), "target_units": k,
+                 "num_groups": qadg.num_groups, "ptq_bits": used_bits}
+        return rows + ptq_rows, extra
+
+    def _ptq_rows(self, run: Run, model: nn.Module, qadg, targets: Sequence[Setting]):
+        """Post-training quantization rows of a sequential run's fine-tuned model, per target
+        setting (GETA's learned bits at that setting) and clip."""
+        kd = run.method.endswith("_kd")
+        tag = "-kd" if kd else ""
         calib = self.task.calibration_batches()
-        used_bits = {}
-        for target in run.ptq:
+        rows, used_bits = [], {}
+        for target in targets:
             source, bits = self._geta_bits(target, prefer_kd=kd)
             for clip in ("max", "mse"):
                 q = copy.deepcopy(model)
@@ -601,9 +618,27 @@ class Runner:
                 m = self._measure_compressed(q, qadg)
                 rows.append(_row(run, key, f"sequential{' + KD' if kd else ''}, PTQ {clip} clip",
                                  target, m, note=f"bits: {source}"))
-        extra = {"train_seconds": secs, "pruned_units": len(units), "target_units": k,
-                 "num_groups": qadg.num_groups, "ptq_bits": used_bits}
-        return rows, extra
+        return rows, used_bits
+
+    def top_up(self, run: Run, rec: Dict[str, Any]) -> Dict[str, Any]:
+        """A stored sequential run lacking the PTQ rows of newly added settings gets them from
+        its saved fine-tuned model (no retraining); other records are returned as they are."""
+        import geta_hf
+
+        keys = {r["key"] for r in rec["rows"]}
+        tag = "-kd" if run.method.endswith("_kd") else ""
+        missing = [t for t in run.ptq if f"seq{tag}-{t.tag}-mse" not in keys]
+        snap = self._out(f"{run.name}-ft.safetensors")
+        if not run.method.startswith("sequential") or not missing or not os.path.exists(snap):
+            return rec
+        log(f"  adding PTQ rows for {[t.tag for t in missing]} from {os.path.basename(snap)}")
+        model = self.task.fresh_model(self.seed)
+        load_snapshot(model, snap)
+        qadg = geta_hf.build_qadg(model, self.task.example_inputs())
+        rows, used = self._ptq_rows(run, model, qadg, missing)
+        rec = {**rec, "rows": rec["rows"] + rows, "ptq_bits": {**rec.get("ptq_bits", {}), **used}}
+        self.store.save(self.task, self.hp, rec)
+        return rec
 
     _sequential_kd = _sequential
 

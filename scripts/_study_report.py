@@ -97,7 +97,7 @@ def _better(a: float, b: float, higher: bool) -> bool:
 
 def _setting_of(row: Mapping[str, Any]) -> Setting:
     return Setting(row["sparsity"], tuple(row["weight_bits"]) if row["weight_bits"] else None,
-                   tuple(row["act_bits"]) if row["act_bits"] else None)
+                   tuple(row["act_bits"]) if row["act_bits"] else None, row.get("bops_target"))
 
 
 def verdict(rows: Sequence[Mapping[str, Any]], metric: str, title: str, higher: bool) -> List[str]:

@@ -124,3 +124,19 @@ def test_study_lm_smoke(tmp_path):
     assert "perplexity" in section and "python scripts/study_lm.py" in section
     assert section.strip() in (tmp_path / "results.md").read_text()
     assert (tmp_path / "study_lm.png").stat().st_size > 10_000
+
+
+def test_study_qa_budget_setting_tops_up_the_sequential_run(tmp_path):
+    """A BOPs-budget setting added later: GETA runs with target_relative_bops, and the stored
+    sequential run gets the matching PTQ rows from its saved fine-tuned model (no retraining)."""
+    base = ("--methods", "dense,geta,sequential")
+    _run("study_qa.py", tmp_path, *base, "--settings", "s0.5-w4-8")
+    stdout = _run("study_qa.py", tmp_path, *base, "--settings", "s0.5-w4-8,s0.5-w4-8-B0.2")
+    assert "adding PTQ rows for ['s0.5-w4-8-B0.2']" in stdout
+    records = _records(tmp_path, "qa")
+    rows = _rows(records)
+    assert {"geta-s0.5-w4-8-B0.2", "seq-s0.5-w4-8-B0.2-mse", "seq-s0.5-w4-8-B0.2-max"} <= set(rows)
+    geta = next(r for r in records if r["run"] == "geta-s0.5-w4-8-B0.2")
+    assert geta["geta_config"]["target_relative_bops"] == 0.2
+    _check_sequential_used_geta_bits(records)
+    assert stdout.count("stored result reused") == 3  # dense, geta s0.5-w4-8, sequential
