@@ -43,6 +43,8 @@ class DemoSettings:
     weight_bits: tuple = (4, 16)
     activation_bits: Optional[tuple] = None
     bit_reduction: int = 2
+    #: BOPs budget reached when the bits freeze (GETAConfig.target_relative_bops)
+    target_relative_bops: Optional[float] = 0.2
     latency_batch: int = 8
 
     @classmethod
@@ -129,6 +131,7 @@ def run_demo(out_dir: str = "geta-demo", quick: bool = False, seed: int = 0,
     print(f"[demo] 2/3 GETA fine-tuning, {s.steps} steps: sparsity "
           f"{s.target_group_sparsity}, weight bits {list(s.weight_bits)}, input bits "
           f"{list(s.activation_bits) if s.activation_bits else 'float'}"
+          + (f", BOPs budget {s.target_relative_bops:g}x" if s.target_relative_bops else "")
           + (", distilling from the dense model" if s.distill else ""), flush=True)
     gargs = _train_args(
         geta_hf.GETATrainingArguments, os.path.join(out_dir, "geta-run"), s, s.steps, seed,
@@ -136,7 +139,8 @@ def run_demo(out_dir: str = "geta-demo", quick: bool = False, seed: int = 0,
         geta_activation_bits=list(s.activation_bits) if s.activation_bits else None,
         geta_bit_reduction=s.bit_reduction,
         geta_warmup=0.1, geta_projection=0.2, geta_joint=0.3, geta_projection_periods=5,
-        geta_pruning_periods=3, geta_distillation_weight=s.distillation_weight,
+        geta_pruning_periods=3, geta_target_relative_bops=s.target_relative_bops,
+        geta_distillation_weight=s.distillation_weight,
         geta_distillation_temperature=s.distillation_temperature)
     gtrainer = geta_hf.GETATrainer(model=copy.deepcopy(base), args=gargs,
                                    train_dataset=feats.train, processing_class=tok,
