@@ -8,7 +8,7 @@ import os
 import statistics
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from _study_common import BIT_REDUCTION, METHODS, STAGES, Hyper, RunStore, Setting
+from _study_common import BIT_REDUCTION, KD, METHODS, STAGES, Hyper, RunStore, Setting
 
 
 # ============================================================================ aggregation
@@ -278,6 +278,11 @@ METHOD_TEXT = """Methods (each gets the same {steps} optimizer steps, batch {bat
   bound (`weight_bits=(4, 16), bit_reduction={br}` for the target `w [4,8]`); activation bits use
   the target range as given under the same schedule, so `a [8,16]` ends at 8 bits. The model is
   compressed (`compress_model`: units removed, weights bit-packed) before it is measured.
+  A setting marked `BOPs<=0.2` sets `target_relative_bops=0.2`: when the bits freeze, weight
+  layers lose bits where the Fisher-weighted quantization error per BOP saved is smallest until
+  the estimated relative BOPs meet 0.2 (`geta_hf/optim/budget.py`).
+- **GETA joint + KD**: the same, distilling from this seed's final dense model (logit KD on
+  start and end logits, weight {kd_w:g}, temperature {kd_t:g}).
 - **QAT only**: the same `GETATrainer` run with `target_group_sparsity=0`.
 - **pruning only (QASSO, fp32)**: `QASSO` (GETA's pruning stages and saliency scores) on the
   model without quantizers, under the plain `Trainer`; then physically compressed.
@@ -288,9 +293,10 @@ METHOD_TEXT = """Methods (each gets the same {steps} optimizer steps, batch {bat
   are zeroed, {rest} more fine-tuning steps keep them at zero (fresh optimizer, a new data
   order), and the model is quantized after training to the per-layer weight (and input) bits
   GETA learned at the same sparsity and target on the same seed, so BOPs match; weight clips
-  are `max|W|` ("max") or the MSE-optimal clip in [0.2, 1] x `max|W|` ("mse"), input ranges the
+  are `max|W|` ("max") or the MSE-optimal clip (`geta_hf.quant.calibrate.mse_clip`, "mse"), input ranges the
   maximum of `|x|` on {calib} training batch(es). The fp32 model before quantization is measured
-  too (a second pruning-only baseline).
+  too (a second pruning-only baseline). **sequential + KD** distils from the dense model in its
+  fine-tuning half (same KD settings) and takes the bits of the GETA + KD run.
 
 Columns: "units removed" is the measured fraction of heads / kv-groups / MLP channels removed;
 "avg bits w / a" the parameter-weighted mean weight bits of the linear layers (which includes
@@ -309,7 +315,7 @@ def method_text(hp: Hyper, calib: int, records: Sequence[Mapping[str, Any]] = ()
         steps=hp.steps, batch=hp.batch_size, lr=hp.learning_rate, warmup=STAGES["warmup"],
         projection=STAGES["projection"], joint=STAGES["joint"], pp=STAGES["projection_periods"],
         prp=STAGES["pruning_periods"], br=BIT_REDUCTION, half=hp.steps // 2,
-        rest=hp.steps - hp.steps // 2, calib=calib)
+        rest=hp.steps - hp.steps // 2, calib=calib, kd_w=KD["weight"], kd_t=KD["temperature"])
 
 
 def seeds_note(rows: Sequence[Mapping[str, Any]]) -> str:
