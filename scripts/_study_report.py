@@ -33,6 +33,7 @@ def aggregate(records: Sequence[Mapping[str, Any]], metrics: Sequence[str]) -> D
         first = items[0][1]
         summary = {k: first[k] for k in ("key", "method", "label", "sparsity", "weight_bits",
                                          "act_bits", "note")}
+        summary["bops_target"] = first.get("bops_target")
         summary["seeds"] = sorted(s for s, _, _ in items)
         summary["train_seconds"] = _mean([r.get("train_seconds", 0.0) for _, _, r in items])
         for name in numeric:
@@ -81,6 +82,8 @@ def table(rows: Sequence[Mapping[str, Any]], metrics: Sequence[str], metric_titl
             target = "w [{},{}]".format(*r["weight_bits"])
             if r["act_bits"]:
                 target += ", a [{},{}]".format(*r["act_bits"])
+            if r.get("bops_target") is not None:
+                target += f", BOPs <= {r['bops_target']:g}"
         cells = [r["label"], sp, target, _bits_cell(r)]
         cells += [fmt_stat(r["metrics"][m]) for m in metrics]
         cells += [fmt_stat(r["relative_bops"], 4), f"{r['params']['mean'] / 1e6:.2f}M",
