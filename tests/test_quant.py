@@ -282,7 +282,7 @@ def test_bypass_restores_float_behaviour():
 
 def test_prepared_model_trains_quant_scalars():
     model, make = build("llama")
-    cfg = GETAConfig(weight_bits=(4, 8), activation_bits=(6, 8))
+    cfg = GETAConfig(weight_bits=(4, 8), activation_bits=(6, 8), quantizer="nonlinear")
     geta_hf.prepare_model(model, cfg, _calib_batches(make))
     inputs = make(0)
     out = model(**inputs, labels=inputs["input_ids"])
