@@ -103,9 +103,8 @@ class BitController:
         g_clip = q_m * gq + tt * d * gd  # dL/d(ln q_m) with the bits held fixed
         g_step = d * gd  # dL/d(ln d) with the clip held fixed
         for params, g in ((q.q_m, g_clip), (q.d, g_step)):
-            for p, v in zip(params, g.unbind(0)):
-                if p.grad is not None:
-                    p.grad.copy_(v)
+            pairs = [(p.grad, v) for p, v in zip(params, g.unbind(0)) if p.grad is not None]
+            torch._foreach_copy_([a for a, _ in pairs], [b for _, b in pairs])
         return d, q_m
 
     @torch.no_grad()

@@ -84,8 +84,17 @@ class PruningController:
         self.active: List[int] = []
         self.layout: Optional[ActiveLayout] = None
         self.achieved: Optional[int] = None
-        self.budget_bound_steps = 0
+        self._bound_steps = torch.zeros((), dtype=torch.long)  # a tensor: no host sync per step
         self._pruned_rows: List[tuple] = []
+
+    @property
+    def budget_bound_steps(self) -> int:
+        """Joint steps on which the descent budget slowed the forgetting (synchronises)."""
+        return int(self._bound_steps)
+
+    @budget_bound_steps.setter
+    def budget_bound_steps(self, value: int) -> None:
+        self._bound_steps = torch.tensor(int(value), dtype=torch.long)
 
     @property
     def device(self) -> torch.device:
@@ -224,7 +233,7 @@ class PruningController:
         gF = torch.stack([torch.dot(dd, f) for dd, f in zip(disp, forget)]) / lr
         gF = torch.zeros_like(gamma).index_add_(0, L.slot_family, gF)
         gamma, bound = descent_budget(gamma, gF, descent)
-        self.budget_bound_steps += int(bound)  # one host sync per joint step
+        self._bound_steps = self._bound_steps.to(bound.device) + bound.long()
         g_slot = gamma[L.slot_family]
         for i in range(n_slots):
             x_dense[i].sub_(forget[i] * g_slot[i])
