@@ -33,7 +33,7 @@ from typing import Callable, List, Optional, Tuple
 import torch
 
 from ..quant.calibrate import mse_clip
-from ..quant.functional import EPS, T_MIN
+from ..quant.functional import T_MIN, d_for_bits
 from .budget import allocate_bits, weighted_error
 from .layout import QuantTable, denominators
 from .schedule import StagePlan
@@ -140,8 +140,8 @@ class BitController:
             t = None if t_all is None else t_all[i]
             clip = mse_clip(q.weights[i], bits[i], t)
             q.q_m[i].copy_(clip.to(q.q_m[i].dtype))
-            top = clip.pow(t.clamp_min(T_MIN)) if t is not None else clip
-            q.d[i].copy_((top.clamp_min(EPS) / (torch.exp2(bits[i] - 1.0) - 1.0)).to(q.d[i].dtype))
+            tt = None if t is None else t.clamp_min(T_MIN)
+            q.d[i].copy_(d_for_bits(bits[i], clip, tt).to(q.d[i].dtype))
 
     def after_step(self, k: int, stage: str) -> None:
         """The stage's operation on the scalars after the dense step of step ``k``."""
