@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -17,10 +18,17 @@ from .hub import bind_push_to_hub
 from .quantizer import GETAHfQuantizer, quantization_config_from_model
 
 __all__ = ["save_compressed", "attach_quantization_config", "compress_model", "model_card",
-           "MANIFEST"]
+           "MANIFEST", "SaveRollbackError"]
+
+logger = logging.getLogger(__name__)
 
 #: the list of files one ``save_compressed`` wrote, kept in the folder it wrote them to
 MANIFEST = "geta_save.json"
+
+
+class SaveRollbackError(OSError):
+    """A failed save could not put every earlier file back; the message names the folder that
+    still holds them (nothing is deleted in that case)."""
 
 
 def attach_quantization_config(model: nn.Module, geta_config: Optional[dict] = None,
@@ -64,10 +72,13 @@ def save_compressed(model: nn.Module, save_directory: str, *, processing_class=N
       files written then) is updated file by file: the earlier save's files are moved aside,
       the new ones moved in, and on any failure the earlier files are put back; files the user
       added to that folder stay untouched;
-    * any other non-empty folder, or a file, is refused with :class:`FileExistsError`.
+    * any other non-empty folder, a file or a link to one, is refused with
+      :class:`FileExistsError`, and so is a new file name that already exists in that folder.
 
-    An interrupted save therefore leaves the previous checkpoint intact. With ``example_inputs``
-    the card includes MACs and BOPs.
+    An interrupted save therefore leaves the previous checkpoint intact. Should even putting the
+    earlier files back fail, they are kept in a ``<dir>.old-*`` folder beside the target that
+    :class:`SaveRollbackError` names. A failure to remove a temporary folder after the save is
+    logged as a warning naming it. With ``example_inputs`` the card includes MACs and BOPs.
     """
     arch = getattr(model, ARCH_ATTR, None)
     if not arch or not arch.get("compressed"):
@@ -75,6 +86,8 @@ def save_compressed(model: nn.Module, save_directory: str, *, processing_class=N
                          "geta_hf.compress_model(model, qadg) (or trainer.save_compressed) first")
     if not hasattr(model, "save_pretrained"):
         raise TypeError(f"save_compressed: {type(model).__name__} is not a transformers PreTrainedModel")
+    target = os.path.abspath(save_directory)
+    previous = _check_target(target)  # refuse a foreign target before any work
     gcfg = dict(geta_config) if geta_config is not None else None
     attach_quantization_config(model, geta_config=gcfg, base_model=base_model)
     stats = None
@@ -82,8 +95,6 @@ def save_compressed(model: nn.Module, save_directory: str, *, processing_class=N
         from ..compress.metrics import model_stats
 
         stats = model_stats(model, example_inputs)
-    target = os.path.abspath(save_directory)
-    previous = _check_target(target)
     parent = os.path.dirname(target)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=os.path.basename(target) + ".tmp-", dir=parent)
@@ -101,7 +112,7 @@ def save_compressed(model: nn.Module, save_directory: str, *, processing_class=N
         else:
             _swap_files(tmp, target, previous)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove_tree(tmp)
     return target
 
 
@@ -120,9 +131,9 @@ def _read_manifest(folder: str) -> Optional[list]:
 def _check_target(target: str) -> Optional[list]:
     """The files of an earlier save in ``target`` ([] for an empty folder), None if it does not
     exist; refuse a file or a non-empty folder that ``save_compressed`` did not write."""
-    if not os.path.exists(target):
+    if not os.path.lexists(target):
         return None
-    if not os.path.isdir(target):
+    if not os.path.isdir(target):  # a file, or a link to one or to nothing
         raise FileExistsError(f"save_compressed: {target!r} is a file; give a folder path (new, "
                               "empty, or written by an earlier save_compressed)")
     entries = sorted(os.listdir(target))
@@ -144,31 +155,65 @@ def _write_manifest(folder: str) -> None:
         json.dump({"writer": "geta_hf.save_compressed", "files": files}, f, indent=1)
 
 
+def _remove_tree(path: str) -> None:
+    """Remove a temporary folder this module created; a failure is logged, never raised (it must
+    not hide the save's own outcome or error)."""
+    if not os.path.lexists(path):
+        return
+    try:
+        shutil.rmtree(path)
+    except OSError as e:
+        logger.warning("save_compressed: could not remove the temporary folder %r (%s); it holds "
+                       "only files save_compressed wrote and can be deleted", path, e)
+
+
 def _swap_files(new_dir: str, target: str, previous: list) -> None:
     """Replace the earlier save's ``previous`` files in ``target`` by ``new_dir``'s files; on
-    failure put every earlier file back where it was."""
+    failure put every earlier file back where it was (see :class:`SaveRollbackError`)."""
+    names = sorted(os.listdir(new_dir), key=lambda n: (n == MANIFEST, n))  # manifest last
+    for name in names:  # refuse before anything is moved
+        if name not in previous and os.path.lexists(os.path.join(target, name)):
+            raise FileExistsError(f"save_compressed: {os.path.join(target, name)!r} was not "
+                                  "written by an earlier save_compressed; nothing was changed")
     backup = tempfile.mkdtemp(prefix=os.path.basename(target) + ".old-", dir=os.path.dirname(target))
     moved_out, moved_in = [], []
-    drop_backup = False  # only once every earlier file is replaced or back in place
     try:
         for name in previous:
             os.replace(os.path.join(target, name), os.path.join(backup, name))
             moved_out.append(name)
-        for name in sorted(os.listdir(new_dir), key=lambda n: n == MANIFEST):  # manifest last
-            dst = os.path.join(target, name)
-            if os.path.exists(dst):
-                raise FileExistsError(f"save_compressed: {dst!r} was not written by an earlier "
-                                      "save_compressed; nothing was changed")
-            os.replace(os.path.join(new_dir, name), dst)
+        for name in names:
+            os.replace(os.path.join(new_dir, name), os.path.join(target, name))
             moved_in.append(name)
-        drop_backup = True
-    except BaseException:
-        for name in moved_in:
+    except BaseException as err:
+        failed = _roll_back(new_dir, target, backup, moved_in, moved_out)
+        if not failed:
+            _remove_tree(backup)
+            raise
+        msg = (f"save_compressed into {target!r} failed ({type(err).__name__}: {err}) and "
+               f"{len(failed)} earlier file(s) (e.g. {failed[0]!r}) could not be put back; they "
+               f"are kept in {backup!r}")
+        if not isinstance(err, Exception):  # an interrupt stays an interrupt
+            logger.error(msg)
+            raise
+        raise SaveRollbackError(msg) from err
+    _remove_tree(backup)
+
+
+def _roll_back(new_dir: str, target: str, backup: str, moved_in: list, moved_out: list) -> list:
+    """Undo a partial swap; returns the earlier files that are not back in ``target``."""
+    for name in moved_in:  # the new files: back to the temporary folder (removed with it)
+        try:
             os.replace(os.path.join(target, name), os.path.join(new_dir, name))
-        for name in moved_out:
+        except OSError:
+            if name not in moved_out:  # a new name: it must not stay in the target
+                try:
+                    os.remove(os.path.join(target, name))
+                except OSError:
+                    pass
+    failed = []
+    for name in moved_out:
+        try:
             os.replace(os.path.join(backup, name), os.path.join(target, name))
-        drop_backup = True
-        raise
-    finally:
-        if drop_backup:
-            shutil.rmtree(backup, ignore_errors=True)
+        except OSError:
+            failed.append(name)
+    return failed
