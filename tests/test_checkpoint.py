@@ -72,7 +72,7 @@ def test_round_trip_with_auto_class(name, tmp_path):
     for k in t1:
         assert t1[k].dtype == t2[k].dtype and torch.equal(t1[k], t2[k]), k
     qc = json.loads((d1 / "config.json").read_text())["quantization_config"]
-    assert qc["quant_method"] == "geta" and qc["format_version"] == 1
+    assert qc["quant_method"] == "geta" and qc["format_version"] == 2
     assert qc["geta_config"] == cfg.to_dict()
 
 

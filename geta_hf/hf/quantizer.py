@@ -23,7 +23,8 @@ from transformers.quantizers import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..compress.packed import PackedQuantLinear
-from ..compress.subnet import ARCH_ATTR, apply_module_attrs
+from ..compress.subnet import (_GROUP_NAMES, _KV_HEAD_NAMES, _QUERY_HEAD_NAMES, _SIZE_NAMES,
+                               ARCH_ATTR, apply_module_attrs)
 from ..quant.quantizer import GETAQuantizer
 
 __all__ = ["GETAQuantizationConfig", "GETAHfQuantizer", "FORMAT_VERSION", "register",
@@ -31,7 +32,10 @@ __all__ = ["GETAQuantizationConfig", "GETAHfQuantizer", "FORMAT_VERSION", "regis
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+#: 2: the tensor file carries an integrity record (see `integrity.py`); 1 (read, with a warning
+#: that values cannot be verified): without it
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 QUANT_METHOD = "geta"
 _TOP_KEYS = {"quant_method", "format_version", "layers", "architecture", "geta_config",
              "base_model"}
@@ -39,6 +43,9 @@ _LAYER_KEYS = {"in_features", "out_features", "bias", "weight_bits", "weight_sca
                "weight_clip", "weight_exponent", "nonlinear", "act"}
 _ACT_KEYS = {"bits", "d", "q_m", "t"}
 _ARCH_KEYS = {"families", "param_shapes", "module_attrs"}
+#: the only module attributes a checkpoint may set (head counts and head-derived sizes that
+#: `compress_model` changes), directly or on the module's own ``config`` ("config.<name>")
+SHAPE_ATTRS = frozenset(_QUERY_HEAD_NAMES + _KV_HEAD_NAMES + _SIZE_NAMES + _GROUP_NAMES)
 
 
 class CheckpointError(ValueError):
@@ -72,27 +79,40 @@ class GETAQuantizationConfig(QuantizationConfigMixin):
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
-        if self.format_version != FORMAT_VERSION:
+        if not _is_int(self.format_version) or self.format_version not in READABLE_VERSIONS:
             raise CheckpointError(
                 f"quantization_config.format_version: got {self.format_version!r}; this geta-hf "
-                f"reads version {FORMAT_VERSION} (upgrade geta-hf to load newer checkpoints)")
+                f"reads versions {list(READABLE_VERSIONS)} (upgrade geta-hf to load newer "
+                "checkpoints)")
         if not isinstance(self.layers, dict):
             raise CheckpointError("quantization_config.layers: expected a dict {module name: {...}}"
                                   f", got {self.layers!r}")
         for name, spec in self.layers.items():
             _check_layer(name, spec)
         arch = self.architecture
-        if not isinstance(arch, dict) or set(arch) != _ARCH_KEYS:
-            raise CheckpointError("quantization_config.architecture: expected a dict with keys "
-                                  f"{sorted(_ARCH_KEYS)}, got {sorted(arch) if isinstance(arch, dict) else arch!r}")
+        if not isinstance(arch, dict):
+            raise CheckpointError(f"quantization_config.architecture: expected a dict with keys "
+                                  f"{sorted(_ARCH_KEYS)}, got {arch!r}")
+        extra, missing = set(arch) - _ARCH_KEYS, _ARCH_KEYS - set(arch)
+        if extra or missing:
+            raise CheckpointError(f"quantization_config.architecture: unknown {sorted(extra)} / "
+                                  f"missing {sorted(missing)} fields")
+        for key in sorted(_ARCH_KEYS):
+            if not isinstance(arch[key], dict):
+                raise CheckpointError(f"quantization_config.architecture.{key}: expected a dict, "
+                                      f"got {type(arch[key]).__name__}")
+        if self.geta_config is not None and not isinstance(self.geta_config, dict):
+            raise CheckpointError(f"quantization_config.geta_config: got {self.geta_config!r}; "
+                                  "allowed: null or a dict of GETAConfig fields")
+        if self.base_model is not None and not isinstance(self.base_model, str):
+            raise CheckpointError(f"quantization_config.base_model: got {self.base_model!r}; "
+                                  "allowed: null or a model id")
         for pname, shape in arch.get("param_shapes", {}).items():
             if not isinstance(shape, list) or not all(_is_int(s) and s >= 0 for s in shape):
                 raise CheckpointError(f"quantization_config.architecture.param_shapes[{pname!r}]: "
                                       f"got {shape!r}; allowed: a list of non-negative integers")
         for mname, attrs in arch.get("module_attrs", {}).items():
-            if not isinstance(attrs, dict):
-                raise CheckpointError(f"quantization_config.architecture.module_attrs[{mname!r}]: "
-                                      "expected a dict of attribute values")
+            _check_module_attrs(mname, attrs)
         for fname, fam in arch.get("families", {}).items():
             if not isinstance(fam, dict) or not isinstance(fam.get("kept"), list) or \
                     not _is_int(fam.get("units")) or \
@@ -114,6 +134,19 @@ def _is_pos(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
 
 
+def _check_module_attrs(mname: str, attrs: Any) -> None:
+    where = f"quantization_config.architecture.module_attrs[{mname!r}]"
+    if not isinstance(attrs, dict):
+        raise CheckpointError(f"{where}: expected a dict of attribute values")
+    for key, value in attrs.items():
+        attr = key[len("config."):] if key.startswith("config.") else key
+        if attr not in SHAPE_ATTRS:
+            raise CheckpointError(f"{where}[{key!r}]: not a shape attribute geta-hf sets; allowed: "
+                                  f"{sorted(SHAPE_ATTRS)} (or 'config.<name>' of one)")
+        if not _is_int(value) or value < 1:
+            raise CheckpointError(f"{where}[{key!r}]: got {value!r}; allowed: an integer >= 1")
+
+
 def _check_layer(name: str, spec: Any) -> None:
     where = f"quantization_config.layers[{name!r}]"
     if not isinstance(spec, dict):
@@ -129,15 +162,26 @@ def _check_layer(name: str, spec: Any) -> None:
     for k in ("weight_scale", "weight_clip", "weight_exponent"):
         if not _is_pos(spec[k]):
             raise CheckpointError(f"{where}.{k}: got {spec[k]!r}; allowed: a finite number > 0")
+    for k in ("bias", "nonlinear"):
+        if not isinstance(spec[k], bool):
+            raise CheckpointError(f"{where}.{k}: got {spec[k]!r}; allowed: true or false")
     act = spec["act"]
     if act is not None:
-        if not isinstance(act, dict) or set(act) != _ACT_KEYS:
-            raise CheckpointError(f"{where}.act: expected null or a dict with keys {sorted(_ACT_KEYS)}")
+        if not isinstance(act, dict):
+            raise CheckpointError(f"{where}.act: got {act!r}; allowed: null or a dict with keys "
+                                  f"{sorted(_ACT_KEYS)}")
+        extra, missing = set(act) - _ACT_KEYS, _ACT_KEYS - set(act)
+        if extra or missing:
+            raise CheckpointError(f"{where}.act: unknown {sorted(extra)} / missing {sorted(missing)} "
+                                  "fields")
         if not _is_int(act["bits"]) or not 2 <= act["bits"] <= 16:
             raise CheckpointError(f"{where}.act.bits: got {act['bits']!r}; allowed: 2..16")
         for k in ("d", "q_m"):
             if not _is_pos(act[k]):
                 raise CheckpointError(f"{where}.act.{k}: got {act[k]!r}; allowed: a finite number > 0")
+        if act["t"] is not None and not _is_pos(act["t"]):
+            raise CheckpointError(f"{where}.act.t: got {act['t']!r}; allowed: null (linear) or a "
+                                  "finite number > 0")
 
 
 # ---------------------------------------------------------------------------- model -> config
@@ -286,12 +330,16 @@ class GETAHfQuantizer(HfQuantizer):
                                   "model, train it with geta_hf.GETATrainer or call geta_hf.compress_model")
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
+        from .integrity import validate_checkpoint
+
         # runs before any weight file is opened: refuse pickles before they could be unpickled
         for f in checkpoint_files or ():
             if not str(f).endswith(".safetensors"):
                 raise CheckpointError(
                     f"GETA checkpoints are read from safetensors files only; refusing "
                     f"{os.path.basename(str(f))!r} (pickle-based weights are never loaded)")
+        # the whole checkpoint is checked before the skeleton is touched
+        validate_checkpoint(model, self.quantization_config, [str(f) for f in checkpoint_files or ()])
         return build_compressed_skeleton(model, self.quantization_config)
 
     def _process_model_after_weight_loading(self, model, **kwargs):
@@ -302,12 +350,14 @@ class GETAHfQuantizer(HfQuantizer):
         return model
 
     def get_state_dict_and_metadata(self, model):
+        from .integrity import RECORD_KEY, checkpoint_record
+
         # refresh the config from the live model, so learned input ranges saved after further
-        # fine-tuning match their tensors
+        # fine-tuning match their tensors; the tensor file records both (integrity.py)
         fresh = quantization_config_from_model(model)
         self.quantization_config = fresh
         model.config.quantization_config = fresh
-        return None, {}
+        return None, {RECORD_KEY: checkpoint_record(model, fresh)}
 
     def is_serializable(self, *args, **kwargs) -> bool:
         return True
