@@ -135,6 +135,26 @@ def test_codes_outside_the_symmetric_range_are_refused(good, tmp_path):
              tensors=lambda ts, meta: ts[QUERY + ".weight_packed"].zero_())
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 7, 8, 11, 16])
+def test_find_code_agrees_with_unpacking(bits):
+    """The range check reads codes straight from the packed bytes; it finds exactly the codes
+    unpack_codes decodes, including raw zeros (-2^(b-1)) and not the padding after the last."""
+    from geta_hf.compress.bitpack import find_code, pack_codes, unpack_codes
+
+    g = torch.Generator().manual_seed(bits)
+    half = 1 << (bits - 1)
+    for n in (1, 7, 9, 301):
+        packed = pack_codes(torch.randint(-half + 1, half, (n,), generator=g), bits)
+        for i in torch.randint(0, n, (2,), generator=g).tolist():  # clear code i: raw value 0
+            for b in range(i * bits, (i + 1) * bits):
+                packed[b // 8] &= 0xFF ^ (1 << (b % 8))
+        codes = unpack_codes(packed, bits, n)
+        for code in (-half, 0, half - 1):
+            hit = torch.nonzero(codes == code).view(-1)
+            assert find_code(packed, bits, n, code) == (int(hit[0]) if hit.numel() else -1,
+                                                         hit.numel()), (n, code)
+
+
 @pytest.mark.parametrize("kind", ["dtype", "shape"])
 def test_tensor_dtype_or_shape_change_is_refused(good, tmp_path, kind):
     name = "bert.embeddings.LayerNorm.weight"

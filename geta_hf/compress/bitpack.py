@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["pack_codes", "unpack_codes", "packed_nbytes"]
+__all__ = ["pack_codes", "unpack_codes", "packed_nbytes", "find_code"]
 
 _CHUNK = 1 << 20  # codes per chunk; a multiple of 8
 
@@ -68,3 +68,32 @@ def unpack_codes(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
     if not out:
         return torch.zeros(0, dtype=torch.int16, device=packed.device)
     return torch.cat(out)
+
+
+def find_code(packed: torch.Tensor, bits: int, numel: int, code: int) -> tuple:
+    """``(index of the first, count)`` of the ``numel`` packed codes equal to ``code`` (index -1
+    when there is none), without unpacking: eight ``bits``-bit codes fill exactly ``bits`` bytes,
+    so the stream is read as rows of ``bits`` bytes and each of the eight code positions of all
+    rows is extracted at once. ``code`` may be ``-2^(bits-1)`` (raw value 0), which
+    :func:`pack_codes` never writes."""
+    _check_bits(bits)
+    if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != packed_nbytes(numel, bits):
+        raise ValueError(f"find_code: expected a 1-D uint8 tensor of {packed_nbytes(numel, bits)} bytes")
+    rows = -(-int(numel) // 8)
+    body = torch.zeros(rows * bits, dtype=torch.int32, device=packed.device)
+    body[: packed.numel()] = packed
+    body = body.view(rows, bits)
+    raw, mask = code + (1 << (bits - 1)), (1 << bits) - 1
+    first, count = -1, 0
+    for j in range(8):  # code j of every row starts at bit j * bits of the row
+        lo = j * bits
+        k0, k1 = lo // 8, (lo + bits - 1) // 8
+        v = body[:, k0].clone()
+        for k in range(k0 + 1, k1 + 1):
+            v |= body[:, k] << (8 * (k - k0))
+        idx = torch.nonzero(((v >> (lo - 8 * k0)) & mask) == raw).view(-1) * 8 + j
+        idx = idx[idx < numel]  # the zero padding after the last code is not a code
+        if idx.numel():
+            count += int(idx.numel())
+            first = int(idx[0]) if first < 0 else min(first, int(idx[0]))
+    return first, count

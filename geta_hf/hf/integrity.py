@@ -33,7 +33,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from ..compress.bitpack import packed_nbytes, unpack_codes
+from ..compress.bitpack import find_code, packed_nbytes
 from .quantizer import CheckpointError, GETAQuantizationConfig
 
 __all__ = ["RECORD_KEY", "checkpoint_record", "validate_checkpoint"]
@@ -369,13 +369,12 @@ def _check_scalar(name: str, t: torch.Tensor, qcfg: GETAQuantizationConfig) -> N
 def _check_codes(lname: str, t: torch.Tensor, spec: Mapping[str, Any]) -> None:
     bits, n = spec["weight_bits"], spec["in_features"] * spec["out_features"]
     where = f"quantization_config.layers[{lname!r}].weight_bits = {bits}"
-    codes = unpack_codes(t, bits, n)
-    low = -(1 << (bits - 1))
-    bad = torch.nonzero(codes == low)
-    if bad.numel():
+    low = -(1 << (bits - 1))  # raw value 0: outside the format's symmetric range
+    first, count = find_code(t, bits, n, low)
+    if count:
         raise CheckpointError(
-            f"tensor {lname + '.weight_packed'!r}: code #{int(bad[0, 0])} decodes to {low}, outside "
-            f"the symmetric range +-{-low - 1} of {where} ({bad.numel()} such code(s))")
+            f"tensor {lname + '.weight_packed'!r}: code #{first} decodes to {low}, outside "
+            f"the symmetric range +-{-low - 1} of {where} ({count} such code(s))")
     spare = n * bits % 8
     if spare and int(t[-1]) >> spare:
         raise CheckpointError(f"tensor {lname + '.weight_packed'!r}: the padding bits after the last "
