@@ -8,7 +8,6 @@ state is refused unless the user asks to restart the compression.
 
 import dataclasses
 import json
-import os
 
 import pytest
 import torch

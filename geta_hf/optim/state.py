@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 from numbers import Integral
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, Mapping, Optional, Sequence
 
 from ..config import MAX_BITS, MIN_BITS, GETAConfig
 from ..graph.qadg import QADG
