@@ -45,10 +45,35 @@ def _example_inputs(model, directory: str, batch: int, seq: int):
     return {"input_ids": ids}
 
 
+#: most tokens (batch x seq) of the report's example input: MACs scale linearly, so a larger
+#: input only costs memory
+_MAX_REPORT_TOKENS = 1 << 24
+
+
+def _positive_int(flag: str):
+    """An argparse ``type`` accepting integers >= 1; the error names ``flag``."""
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} {text!r} is not an integer; allowed: an "
+                                             "integer >= 1") from None
+        if v < 1 or v > _MAX_REPORT_TOKENS:
+            raise argparse.ArgumentTypeError(f"{flag} {text} is out of range; allowed: an "
+                                             f"integer in [1, {_MAX_REPORT_TOKENS}]")
+        return v
+    return parse
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     import transformers
 
     from . import report  # noqa: F401  (importing geta_hf registers the "geta" method)
+
+    if args.batch * args.seq > _MAX_REPORT_TOKENS:
+        print(f"geta-hf report: --batch {args.batch} x --seq {args.seq} = {args.batch * args.seq} "
+              f"tokens; allowed: at most {_MAX_REPORT_TOKENS}", file=sys.stderr)
+        return 2
 
     cfg_path = os.path.join(args.directory, "config.json")
     if not os.path.isfile(cfg_path):
@@ -95,8 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "report.md, report.json and PNG plots (bits per layer, units kept per layer).")
     rep.add_argument("directory", help="a folder written by save_compressed / trainer.save_compressed")
     rep.add_argument("--output", help="report folder (default: <directory>/report)")
-    rep.add_argument("--batch", type=int, default=8, help="batch size of the example input")
-    rep.add_argument("--seq", type=int, default=128, help="sequence length of the example input")
+    rep.add_argument("--batch", type=_positive_int("--batch"), default=8,
+                     help="batch size of the example input (>= 1)")
+    rep.add_argument("--seq", type=_positive_int("--seq"), default=128,
+                     help="sequence length of the example input (>= 1)")
     rep.set_defaults(func=_cmd_report)
     return ap
 

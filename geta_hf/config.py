@@ -3,6 +3,10 @@
 The fields mirror GETA-METHOD.md (§0 sparsity target, §1 quantizer, §3 QASSO schedule and
 importance scoring). Validation happens on construction: a bad value raises ``ValueError`` naming
 the field and the allowed range, and nothing the user passed is rewritten.
+
+A validated config is immutable (a frozen dataclass; sequences are stored as tuples and the
+importance weights as a read-only dict copy, never as the caller's objects). Derive a changed
+config with ``dataclasses.replace(cfg, field=value)``, which validates again.
 """
 
 from __future__ import annotations
@@ -11,9 +15,9 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
-__all__ = ["GETAConfig", "Schedule", "IMPORTANCE_CRITERIA", "QUANTIZER_KINDS"]
+__all__ = ["GETAConfig", "Schedule", "IMPORTANCE_CRITERIA", "QUANTIZER_KINDS", "FrozenDict"]
 
 #: The five saliency criteria of GETA-METHOD §3.3, in a fixed order.
 IMPORTANCE_CRITERIA = (
@@ -32,6 +36,33 @@ StageLength = Union[int, float]
 
 def _default_importance() -> dict:
     return {name: 0.2 for name in IMPORTANCE_CRITERIA}
+
+
+class FrozenDict(dict):
+    """A read-only ``dict`` (JSON-serialisable, picklable): every mutating method raises."""
+
+    def _readonly(self, *args, **kwargs):
+        raise TypeError("GETAConfig is immutable after validation; derive a changed config with "
+                        "dataclasses.replace(cfg, importance_weights={...})")
+
+    __setitem__ = __delitem__ = __ior__ = _readonly
+    clear = pop = popitem = setdefault = update = _readonly
+
+    def __reduce__(self):
+        return (FrozenDict, (dict(self),))
+
+    def __copy__(self):
+        return self
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+def _as_tuple(v: Any) -> Any:
+    """A list/tuple (not a string) as a new tuple; anything else unchanged (validated later)."""
+    if isinstance(v, (list, tuple)):
+        return tuple(v)
+    return v
 
 
 @dataclass(frozen=True)
@@ -85,7 +116,7 @@ def _is_real(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-@dataclass
+@dataclass(frozen=True)
 class GETAConfig:
     """Configuration of joint structured pruning and mixed-precision QAT (GETA).
 
@@ -121,6 +152,13 @@ class GETAConfig:
             Fisher-weighted quantization error per BOP saved is smallest (never below
             ``b_l``). ``None``: the bits are the rounded learned ones. Needs a BOPs estimator
             (``GETATrainer`` builds one; ``QASSO(..., bops_estimator=...)`` otherwise).
+        compress_frozen: also prune and quantizer-train parameters with ``requires_grad=False``.
+            By default (``False``) frozen parameters are left as they are: families (heads,
+            channels) touching a frozen parameter are not pruned, layers with a frozen weight
+            are not quantized by :func:`geta_hf.prepare_model`, and QASSO never updates the
+            quantizer scalars of a layer whose weight is frozen (all logged).
+
+    The config is immutable once validated; use ``dataclasses.replace(cfg, ...)`` to change it.
     """
 
     target_group_sparsity: float = 0.5
@@ -143,8 +181,15 @@ class GETAConfig:
     act_calibration_batches: int = 4
     act_calibration_percentile: float = 100.0
     target_relative_bops: Optional[float] = None
+    compress_frozen: bool = False
 
     def __post_init__(self) -> None:
+        # never keep the caller's mutable objects: sequences become tuples, the weights a copy
+        for name in ("weight_bits", "activation_bits", "include_modules", "exclude_modules",
+                     "unprunable_modules"):
+            object.__setattr__(self, name, _as_tuple(getattr(self, name)))
+        if isinstance(self.importance_weights, Mapping):
+            object.__setattr__(self, "importance_weights", FrozenDict(self.importance_weights))
         self.validate()
 
     # ------------------------------------------------------------------ validation
@@ -182,7 +227,7 @@ class GETAConfig:
             if not _is_int(v) or v < 1:
                 raise _err(name, v, "an integer >= 1")
         w = self.importance_weights
-        if not isinstance(w, dict) or not w:
+        if not isinstance(w, Mapping) or not w:
             raise _err("importance_weights", w, f"a dict over {list(IMPORTANCE_CRITERIA)}")
         for k, v in w.items():
             if k not in IMPORTANCE_CRITERIA:
@@ -207,6 +252,8 @@ class GETAConfig:
         b = self.target_relative_bops
         if b is not None and (not _is_real(b) or not (0.0 < b <= 1.0)):
             raise _err("target_relative_bops", b, "None or a number in (0, 1]")
+        if not isinstance(self.compress_frozen, bool):
+            raise _err("compress_frozen", self.compress_frozen, "True or False")
 
     @staticmethod
     def _check_bits(name: str, v: Any, optional: bool) -> None:
@@ -264,7 +311,7 @@ class GETAConfig:
             v = getattr(self, f.name)
             if isinstance(v, tuple):
                 v = list(v)
-            elif isinstance(v, dict):
+            elif isinstance(v, Mapping):
                 v = dict(v)
             elif isinstance(v, list):
                 v = list(v)
@@ -279,23 +326,34 @@ class GETAConfig:
         unknown = sorted(set(data) - names)
         if unknown:
             raise ValueError(f"GETAConfig.from_dict: unknown field(s) {unknown}; allowed: {sorted(names)}")
-        kwargs = dict(data)
-        for key in ("weight_bits", "activation_bits"):
-            if isinstance(kwargs.get(key), list):
-                kwargs[key] = tuple(kwargs[key])
-        for key in ("exclude_modules", "unprunable_modules", "include_modules"):
-            if isinstance(kwargs.get(key), list):
-                kwargs[key] = tuple(kwargs[key])
-        return cls(**kwargs)
+        return cls(**data)  # lists become tuples in __post_init__
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> "GETAConfig":
-        return cls.from_dict(json.loads(text))
+        """Parse ``to_json`` output; a key given twice in one object is refused (``ValueError``)."""
+        return cls.from_dict(json.loads(text, object_pairs_hook=_no_duplicate_keys))
+
+    def diff(self, other: "GETAConfig") -> dict:
+        """``{field: (self's value, other's value)}`` for every field that differs (JSON form)."""
+        a, b = self.to_dict(), other.to_dict()
+        return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, GETAConfig):
             return NotImplemented
         return self.to_dict() == other.to_dict()
+
+    def __hash__(self) -> int:
+        return hash(self.to_json())
+
+
+def _no_duplicate_keys(pairs) -> dict:
+    out = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"GETAConfig.from_json: key {k!r} appears twice; allowed: each key once")
+        out[k] = v
+    return out

@@ -82,9 +82,12 @@ def test_from_dict_rejects_unknown_and_bad_fields():
         GETAConfig.from_dict({"weight_bits": [9, 3]})
 
 
-def test_user_values_are_not_rewritten():
-    cfg = GETAConfig(weight_bits=[4, 8], exclude_modules=["a*"])
-    assert cfg.weight_bits == [4, 8] and cfg.exclude_modules == ["a*"]
+def test_user_values_are_kept_as_immutable_copies():
+    bits, pats = [4, 8], ["a*"]
+    cfg = GETAConfig(weight_bits=bits, exclude_modules=pats)
+    assert cfg.weight_bits == (4, 8) and cfg.exclude_modules == ("a*",)  # same values, as tuples
+    bits[0], pats[0] = 16, "b*"  # the caller's lists are not referenced
+    assert cfg.weight_bits == (4, 8) and cfg.exclude_modules == ("a*",)
 
 
 def test_schedule_from_fractions_and_absolute_steps():

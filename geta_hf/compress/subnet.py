@@ -44,6 +44,41 @@ class CompressionError(RuntimeError):
     """The compressed model does not reproduce the zeroed model; the message says where."""
 
 
+_ABSENT = object()
+
+
+class _Journal:
+    """Attribute assignments that can be undone, newest first (compress_model's rollback)."""
+
+    def __init__(self) -> None:
+        self._undo: List[Tuple[Any, str, Any]] = []
+
+    def set(self, obj: Any, name: str, value: Any) -> None:
+        self._undo.append((obj, name, getattr(obj, name, _ABSENT)))
+        setattr(obj, name, value)
+
+    def rollback(self) -> None:
+        for obj, name, old in reversed(self._undo):
+            if old is _ABSENT:
+                if hasattr(obj, name):
+                    delattr(obj, name)
+            else:
+                setattr(obj, name, old)
+        self._undo.clear()
+
+
+def _check_finite(model: nn.Module) -> None:
+    """Refuse NaN/Inf in any parameter or floating buffer, naming the layer and tensor."""
+    tensors = list(model.named_parameters()) + [(n, b) for n, b in model.named_buffers()
+                                                 if b.is_floating_point()]
+    for name, t in tensors:
+        if t.numel() and not bool(torch.isfinite(t.detach()).all()):
+            layer, _, leaf = name.rpartition(".")
+            raise ValueError(f"compress_model: layer {layer or '<model>'!r} holds NaN or Inf in "
+                             f"{leaf!r}; nothing was changed (allowed: finite weights and "
+                             "quantizer scalars)")
+
+
 def _kept_units(f: Family, norms: torch.Tensor) -> torch.Tensor:
     keep = torch.nonzero(norms != 0).reshape(-1)
     floor = max(1, f.min_units)
@@ -65,14 +100,18 @@ def _owners(model: nn.Module) -> Dict[int, List[Tuple[nn.Module, str]]]:
     return out
 
 
-def _sync_shape_attrs(mod: nn.Module) -> None:
+def _sync_shape_attrs(mod: nn.Module, journal: "_Journal") -> None:
     w = getattr(mod, "weight", None)
     if isinstance(mod, nn.Linear) and isinstance(w, torch.Tensor):
-        mod.out_features, mod.in_features = int(w.shape[0]), int(w.shape[1])
+        pairs = (("out_features", w.shape[0]), ("in_features", w.shape[1]))
     elif isinstance(mod, nn.Embedding):
-        mod.num_embeddings, mod.embedding_dim = int(w.shape[0]), int(w.shape[1])
+        pairs = (("num_embeddings", w.shape[0]), ("embedding_dim", w.shape[1]))
     elif hasattr(mod, "nf") and hasattr(mod, "nx") and isinstance(w, torch.Tensor) and w.dim() == 2:
-        mod.nx, mod.nf = int(w.shape[0]), int(w.shape[1])  # GPT-2 Conv1D: (in, out)
+        pairs = (("nx", w.shape[0]), ("nf", w.shape[1]))  # GPT-2 Conv1D: (in, out)
+    else:
+        return
+    for name, value in pairs:
+        journal.set(mod, name, int(value))
 
 
 def _attention_modules(model: nn.Module, f: Family) -> List[Tuple[str, nn.Module]]:
@@ -105,13 +144,17 @@ def _head_updates(f: Family, kept: int) -> Dict[int, int]:
     return up
 
 
-def _update_attrs(obj: Any, updates: Dict[str, Dict[int, int]], changed: Dict[str, int]) -> None:
+def _update_attrs(obj: Any, updates: Dict[str, Dict[int, int]], changed: Dict[str, int],
+                  journal: Optional["_Journal"] = None) -> None:
     for kind, names in (("query", _QUERY_HEAD_NAMES), ("kv", _KV_HEAD_NAMES), ("size", _SIZE_NAMES),
                         ("groups", _GROUP_NAMES)):
         for name in names:
             v = getattr(obj, name, None)
             if isinstance(v, int) and not isinstance(v, bool) and v in updates[kind]:
-                setattr(obj, name, updates[kind][v])
+                if journal is not None:
+                    journal.set(obj, name, updates[kind][v])
+                else:
+                    setattr(obj, name, updates[kind][v])
                 changed[name] = updates[kind][v]
 
 
@@ -158,6 +201,12 @@ def compress_model(model: nn.Module, qadg: QADG, *, pack: bool = True,
     by more than ``atol`` times ``max(1, max |output|)``. Input (activation) quantizers are switched off for this comparison:
     the matmuls sum fewer terms after compression, and an activation that sits exactly on a
     rounding boundary may round to the neighbouring level, which is not a compression error.
+
+    All or nothing: every parameter and buffer is first checked to be finite (``ValueError``
+    naming the layer), and if anything fails afterwards (packing, the verification, an
+    interrupt) every change is undone before the error propagates: the model holds its original
+    modules, parameters (the same tensors, untouched) and attributes, is not marked compressed,
+    and ``compress_model`` can be called again once the cause is fixed.
     """
     if getattr(model, ARCH_ATTR, None) is not None and getattr(model, ARCH_ATTR).get("compressed"):
         raise ValueError("compress_model: this model is already compressed")
@@ -166,10 +215,29 @@ def compress_model(model: nn.Module, qadg: QADG, *, pack: bool = True,
     if missing:
         raise ValueError(f"compress_model: the QADG does not belong to this model (no parameter "
                          f"{missing[0]!r}); build it with geta_hf.build_qadg(model, inputs)")
+    _check_finite(model)
     inputs = example_inputs if example_inputs is not None else qadg.example_inputs
     was_training = model.training
-    model.eval()
-    reference = _outputs(model, inputs) if (verify and inputs is not None) else None
+    journal = _Journal()
+    try:
+        model.eval()
+        reference = _outputs(model, inputs) if (verify and inputs is not None) else None
+        arch = _compress(model, qadg, params, pack, journal)
+        if reference is not None:
+            _verify(model, inputs, reference, atol)
+        journal.set(model, ARCH_ATTR, arch)
+    except BaseException:
+        journal.rollback()
+        raise
+    finally:
+        model.train(was_training)
+    return model
+
+
+def _compress(model: nn.Module, qadg: QADG, params: Dict[str, nn.Parameter], pack: bool,
+              journal: _Journal) -> Dict[str, Any]:
+    """Slice the zeroed units out and pack the quantized layers, recording every change in
+    ``journal``; returns the architecture record (``model.geta_arch``)."""
     norms = qadg.group_norms(model)
     slices: Dict[str, List[Tuple[int, torch.Tensor]]] = defaultdict(list)
     families: Dict[str, Any] = {}
@@ -187,18 +255,18 @@ def compress_model(model: nn.Module, qadg: QADG, *, pack: bool = True,
             updates = _head_updates(f, int(keep.numel()))
             for mname, mod in _attention_modules(model, f):
                 changed: Dict[str, int] = {}
-                _update_attrs(mod, updates, changed)
+                _update_attrs(mod, updates, changed, journal)
                 module_attrs[mname].update(changed)
                 cfg = getattr(mod, "config", None)
                 if cfg is not None and hasattr(cfg, "to_dict"):
                     if not getattr(mod, "_geta_own_config", False):
-                        mod.config = copy.copy(cfg)
-                        mod._geta_own_config = True
+                        journal.set(mod, "config", copy.copy(cfg))  # the shared config stays as is
+                        journal.set(mod, "_geta_own_config", True)
                     changed = {}
-                    _update_attrs(mod.config, updates, changed)
+                    _update_attrs(mod.config, updates, changed, journal)
                     module_attrs[mname].update({f"config.{k}": v for k, v in changed.items()})
     owners = _owners(model)
-    touched = set()
+    touched = []
     for name, cuts in slices.items():
         p = params[name]
         new = p.detach()
@@ -206,42 +274,49 @@ def compress_model(model: nn.Module, qadg: QADG, *, pack: bool = True,
             new = new.index_select(dim, pos.to(new.device))
         newp = nn.Parameter(new.contiguous(), requires_grad=p.requires_grad)
         for mod, leaf in owners[id(p)]:
-            setattr(mod, leaf, newp)
-            touched.add(mod)
+            journal.set(mod, leaf, newp)
+            if mod not in touched:
+                touched.append(mod)
     for mod in touched:
-        _sync_shape_attrs(mod)
+        _sync_shape_attrs(mod, journal)
     packed_layers = {}
     if pack:
         for name, mod in list(model.named_modules()):
             if isinstance(mod, QuantLayerMixin):
-                new = pack_layer(mod)
+                try:
+                    new = pack_layer(mod)
+                except ValueError as e:
+                    raise ValueError(f"compress_model: layer {name!r}: {e}") from e
                 parent, _, leaf = name.rpartition(".")
-                setattr(model.get_submodule(parent) if parent else model, leaf, new)
+                journal.set(model.get_submodule(parent) if parent else model, leaf, new)
                 packed_layers[name] = new.weight_bits
-    arch = {
+    return {
         "compressed": True,
         "families": families,
         "param_shapes": {n: list(p.shape) for n, p in model.named_parameters()},
         "module_attrs": {k: v for k, v in module_attrs.items() if v},
         "packed_layers": packed_layers,
     }
-    setattr(model, ARCH_ATTR, arch)
-    if reference is not None:
-        try:
-            after = _outputs(model, inputs)
-        except Exception as e:
+
+
+def _verify(model: nn.Module, inputs: Mapping[str, Any], reference: List[torch.Tensor],
+            atol: float) -> None:
+    """Raise :class:`CompressionError` unless the compressed model reproduces ``reference``."""
+    try:
+        after = _outputs(model, inputs)
+    except Exception as e:
+        raise CompressionError(
+            f"compress_model: the compressed {type(model).__name__} no longer runs "
+            f"({type(e).__name__}: {e}). Its forward probably reads a size attribute geta-hf "
+            "did not update; mark that module unprunable (qadg.mark_unprunable). The model was "
+            "left as it was before compress_model") from e
+    for i, (a, b) in enumerate(zip(reference, after)):
+        # tolerance relative to the output's scale (large logits carry larger float noise)
+        tol = atol * max(1.0, float(a.float().abs().max())) if a.numel() else atol
+        if a.shape != b.shape or (a.float() - b.float()).abs().max() > tol:
+            diff = "shape " + str(tuple(b.shape)) if a.shape != b.shape else \
+                f"max |diff| {(a.float() - b.float()).abs().max().item():.3g}"
             raise CompressionError(
-                f"compress_model: the compressed {type(model).__name__} no longer runs "
-                f"({type(e).__name__}: {e}). Its forward probably reads a size attribute geta-hf "
-                "did not update; mark that module unprunable (qadg.mark_unprunable)") from e
-        for i, (a, b) in enumerate(zip(reference, after)):
-            # tolerance relative to the output's scale (large logits carry larger float noise)
-            tol = atol * max(1.0, float(a.float().abs().max())) if a.numel() else atol
-            if a.shape != b.shape or (a.float() - b.float()).abs().max() > tol:
-                diff = "shape " + str(tuple(b.shape)) if a.shape != b.shape else \
-                    f"max |diff| {(a.float() - b.float()).abs().max().item():.3g}"
-                raise CompressionError(
-                    f"compress_model: output {i} of the compressed {type(model).__name__} differs "
-                    f"from the zeroed model ({diff} > {tol:.3g})")
-    model.train(was_training)
-    return model
+                f"compress_model: output {i} of the compressed {type(model).__name__} differs "
+                f"from the zeroed model ({diff} > {tol:.3g}); the model was left as it was "
+                "before compress_model")

@@ -17,6 +17,8 @@ never indexed by unit.
 from __future__ import annotations
 
 import fnmatch
+import hashlib
+import json
 import logging
 import time
 from dataclasses import dataclass, field, replace
@@ -232,6 +234,45 @@ class QADG:
         self._reindex()
         return removed
 
+    def exclude_frozen(self, model: nn.Module) -> List[str]:
+        """Remove the families that touch a parameter with ``requires_grad=False`` (logged).
+
+        Pruning such a family would change a parameter the user froze (its rows, or the input
+        columns of its consumers). Returns the names of the families removed; global unit ids
+        are renumbered. :func:`build_qadg` calls this unless ``GETAConfig.compress_frozen``.
+        """
+        frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+        removed = []
+        for f in list(self._families):
+            hit = next((p for p in f.params if p in frozen), None)
+            if hit is not None:
+                self._families.remove(f)
+                self.unprunable.append((f.name, f"parameter {hit} is frozen (requires_grad=False)"))
+                removed.append(f.name)
+        if removed:
+            logger.info("build_qadg: not pruning %d famil%s with frozen parameters (requires_grad="
+                        "False): %s%s; set GETAConfig(compress_frozen=True) to prune them",
+                        len(removed), "y" if len(removed) == 1 else "ies", ", ".join(removed[:4]),
+                        " ..." if len(removed) > 4 else "")
+            self._reindex()
+        return removed
+
+    # ------------------------------------------------------------------ identity
+    def fingerprint(self) -> str:
+        """A SHA-256 hex digest of the search space: every family's name, kind, layer, unit
+        count, minimum and head layout, and every member's parameter, dim, role, sizes and unit
+        index table. Equal for QADGs built the same way from the same architecture; any change
+        to the units or to the slices they own changes it."""
+        h = hashlib.sha256()
+        for f in self._families:
+            head = [f.name, f.kind, f.layer, f.num_units, f.min_units, f.heads_per_unit, f.head_dim]
+            h.update(json.dumps(head).encode())
+            for m in f.members + f.consumers:
+                h.update(json.dumps([m.param, m.dim, m.role, m.size, m.numel,
+                                     list(m.index.shape)]).encode())
+                h.update(m.index.detach().to("cpu", torch.int64).contiguous().numpy().tobytes())
+        return h.hexdigest()
+
     # ------------------------------------------------------------------ reporting
     def summary(self) -> str:
         """A readable table: family, kind, units, minimum kept, parameters per unit."""
@@ -299,8 +340,9 @@ def build_qadg(model: nn.Module, example_inputs, cfg=None, *, min_units: Optiona
     Args:
         model: any ``nn.Module`` (typically an HF ``PreTrainedModel``), prepared or not.
         example_inputs: a dict of keyword inputs, e.g. one collated training batch.
-        cfg: optional :class:`GETAConfig`; its ``min_units_per_family`` and
-            ``unprunable_modules`` apply.
+        cfg: optional :class:`GETAConfig`; its ``min_units_per_family``,
+            ``unprunable_modules`` and ``compress_frozen`` apply (without ``cfg``, families that
+            touch a parameter with ``requires_grad=False`` are left out, as by default).
         min_units: units every family keeps (overrides ``cfg``; default 1).
 
     Raises:
@@ -417,6 +459,8 @@ def build_qadg(model: nn.Module, example_inputs, cfg=None, *, min_units: Optiona
     qadg.example_inputs = dict(example_inputs)
     if cfg is not None and cfg.unprunable_modules:
         qadg.mark_unprunable(list(cfg.unprunable_modules))
+    if cfg is None or not cfg.compress_frozen:
+        qadg.exclude_frozen(model)
     if qadg.num_groups == 0:
         if cfg is not None and cfg.target_group_sparsity == 0:
             # quantization-only training needs no search space: say so, do not fail
@@ -443,6 +487,11 @@ def _empty_space_message(model: nn.Module, prop: Propagator, qadg: QADG) -> str:
             reasons.append(r)
     if reasons:
         lines.append("Spaces were kept because: " + "; ".join(reasons[:5]) + ".")
+    frozen = [name for name, why in qadg.unprunable if "requires_grad=False" in why]
+    if frozen:
+        lines.append(f"{len(frozen)} famil{'y was' if len(frozen) == 1 else 'ies were'} left out "
+                     f"because they touch frozen parameters (e.g. {frozen[0]}); pass "
+                     "GETAConfig(compress_frozen=True) to prune frozen parameters too.")
     lines.append("If a module cannot be analysed, exclude it with GETAConfig(unprunable_modules=[...]) "
                  "or qadg.mark_unprunable([...]); if nothing in this model is prunable, train it "
                  "with target_group_sparsity=0 (quantization only).")

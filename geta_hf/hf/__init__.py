@@ -4,7 +4,8 @@ from .quantizer import (CheckpointError, GETAHfQuantizer, GETAQuantizationConfig
                         quantization_config_from_model, register)
 from .args import GETATrainingArguments
 from .distill import DistillationTrainer, distillation_loss
-from .resume import IncompleteCheckpointError, check_checkpoint, last_complete_checkpoint
+from .resume import (IncompleteCheckpointError, ResumeStateError, check_checkpoint,
+                     last_complete_checkpoint)
 from .card import model_card
 from .serialization import attach_quantization_config, compress_model, save_compressed
 from .trainer import GETACallback, GETATrainer
@@ -14,5 +15,5 @@ register()
 __all__ = ["GETAQuantizationConfig", "GETAHfQuantizer", "CheckpointError", "register",
            "save_compressed", "compress_model", "attach_quantization_config", "model_card",
            "quantization_config_from_model", "GETATrainer", "GETATrainingArguments",
-           "GETACallback", "IncompleteCheckpointError", "check_checkpoint",
+           "GETACallback", "IncompleteCheckpointError", "ResumeStateError", "check_checkpoint",
            "last_complete_checkpoint", "DistillationTrainer", "distillation_loss"]

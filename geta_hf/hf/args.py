@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import List, Optional
@@ -16,6 +17,9 @@ __all__ = ["GETATrainingArguments"]
 
 def _stage(value: float, name: str):
     """A float <= 1 is a fraction of the run; a whole number > 1 is an absolute step count."""
+    if not math.isfinite(value):
+        raise ValueError(f"GETATrainingArguments: --{name}={value!r} is invalid; allowed: a "
+                         "fraction in [0, 1] or a whole number of steps > 1")
     if value > 1:
         if value != int(value):
             raise ValueError(f"GETATrainingArguments.{name}: got {value!r}; allowed: a fraction in "
@@ -33,8 +37,12 @@ def _weights(spec: Optional[str]) -> dict:
         if not sep:
             raise ValueError("GETATrainingArguments.geta_importance_weights: expected "
                              f"'name=weight,...' with names among {list(IMPORTANCE_CRITERIA)}; got {spec!r}")
+        key = key.strip()
+        if key in out:
+            raise ValueError(f"GETATrainingArguments.geta_importance_weights: {key!r} is given "
+                             f"twice in {spec!r}; allowed: each criterion once")
         try:
-            out[key.strip()] = float(val)
+            out[key] = float(val)
         except ValueError as e:
             raise ValueError(f"GETATrainingArguments.geta_importance_weights: {val!r} is not a number") from e
     return out
@@ -94,6 +102,13 @@ class GETATrainingArguments(TrainingArguments):
         "help": "BOPs of the compressed model relative to dense fp32, in (0, 1], reached when the "
                 "bits freeze by lowering the bits of the least sensitive layers per BOP saved "
                 "(default: none, bits = rounded learned bits)."})
+    geta_compress_frozen: bool = field(default=False, metadata={
+        "help": "Also prune and quantize parameters with requires_grad=False (default: frozen "
+                "parameters are left untouched)."})
+    geta_restart_compression_on_resume: bool = field(default=False, metadata={
+        "help": "Resuming from a checkpoint without optimizer state (e.g. save_only_model=True) is "
+                "refused, because GETA's compression state is lost; with this flag the compression "
+                "restarts from the checkpoint's weights over the remaining steps instead."})
     geta_optimizer: str = field(default="adamw", metadata={
         "help": "Dense update of QASSO: 'adamw', 'adam' or 'sgd'.", "choices": ["adamw", "adam", "sgd"]})
     geta_tune_cpu_allocator: bool = field(default=True, metadata={
@@ -142,4 +157,5 @@ class GETATrainingArguments(TrainingArguments):
             act_calibration_batches=self.geta_act_calibration_batches,
             act_calibration_percentile=self.geta_act_calibration_percentile,
             target_relative_bops=self.geta_target_relative_bops,
+            compress_frozen=self.geta_compress_frozen,
         )

@@ -17,7 +17,7 @@ from ..quant.prepare import prepare_model
 from ..utils import tune_cpu_allocator
 from .card import GETA_TAGS
 from .distill import DistillationTrainer
-from .resume import check_checkpoint, last_complete_checkpoint
+from .resume import check_checkpoint, check_resume_state, checkpoint_step, last_complete_checkpoint
 from .serialization import compress_model, save_compressed
 
 __all__ = ["GETATrainer", "GETACallback", "STAGES"]
@@ -135,6 +135,7 @@ class GETATrainer(DistillationTrainer):
         # over accumulation steps (see HF-NOTES, "loss-scaling trap").
         self.model_accepts_loss_kwargs = False
         self._geta_total_steps: Optional[int] = None
+        self._geta_step_offset = 0  # trainer steps done before QASSO's step 0 (a restart)
         if hasattr(self.model, "add_model_tags"):  # the Trainer's own card says it was GETA
             self.model.add_model_tags(list(GETA_TAGS))
         self._geta_setup(example_inputs)
@@ -174,6 +175,13 @@ class GETATrainer(DistillationTrainer):
         an explicit path to an incomplete checkpoint raises
         :class:`geta_hf.hf.resume.IncompleteCheckpointError` instead of failing deep inside the
         load. See :mod:`geta_hf.hf.resume`.
+
+        The checkpoint must also continue *this* run: it must hold the optimizer (QASSO) state,
+        written with the same ``--geta_*`` settings on the same search space; otherwise
+        :class:`geta_hf.hf.resume.ResumeStateError` names the missing files or every differing
+        flag. With ``--geta_restart_compression_on_resume`` a checkpoint without optimizer state
+        (``save_only_model=True``) is accepted: the compression restarts from its weights and
+        runs its whole schedule over the remaining steps (logged).
         """
         if resume_from_checkpoint is True:
             resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
@@ -183,7 +191,26 @@ class GETATrainer(DistillationTrainer):
                                  "checkpoint-N folder")
         elif isinstance(resume_from_checkpoint, str):
             check_checkpoint(resume_from_checkpoint)
+        self._geta_step_offset = 0
+        if isinstance(resume_from_checkpoint, str):
+            self._geta_check_resume(resume_from_checkpoint)
         return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _geta_check_resume(self, path: str) -> None:
+        """Refuse a checkpoint that cannot continue this run (see :meth:`train`)."""
+        from ..optim.layout import QuantTable, trained_quant_layers
+        from ..optim.state import search_space
+
+        cfg = self.geta_config
+        space = search_space(self.qadg, QuantTable(trained_quant_layers(self.model,
+                                                                        cfg.compress_frozen)))
+        restart = bool(getattr(self.args, "geta_restart_compression_on_resume", False))
+        if not check_resume_state(path, cfg, space, restart=restart):
+            self._geta_step_offset = checkpoint_step(path)
+            logger.warning("GETATrainer: %s holds no optimizer state; restarting the compression "
+                           "from its weights at step %d (--geta_restart_compression_on_resume): "
+                           "QASSO runs its whole schedule over the remaining steps", path,
+                           self._geta_step_offset)
 
     def create_optimizer_and_scheduler(self, num_training_steps: int) -> None:
         self._geta_total_steps = int(num_training_steps)
@@ -197,6 +224,11 @@ class GETATrainer(DistillationTrainer):
             if not total or total < 1:
                 raise RuntimeError("GETATrainer.create_optimizer: the number of training steps is "
                                    "unknown; create the optimizer through trainer.train()")
+            total -= self._geta_step_offset  # a restarted compression runs over what remains
+            if total < 1:
+                raise ValueError(f"GETATrainer: cannot restart the compression at step "
+                                 f"{self._geta_step_offset}: the run has no steps left "
+                                 "(raise --max_steps or --num_train_epochs)")
             args = self.args
             self.optimizer = QASSO(
                 self.model if model is None else model, self.qadg, self.geta_config,

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -17,8 +18,30 @@ import torch
 from torch import nn
 
 from ..quant.functional import EPS
+from ..quant.layers import quant_layers
 
-__all__ = ["QuantTable", "MemberRef", "ActiveLayout", "denominators"]
+__all__ = ["QuantTable", "MemberRef", "ActiveLayout", "denominators", "trained_quant_layers"]
+
+logger = logging.getLogger(__name__)
+
+
+def trained_quant_layers(model: nn.Module, compress_frozen: bool = False
+                         ) -> List[Tuple[str, nn.Module]]:
+    """The quantized layers whose quantizer scalars QASSO trains (the order of its QuantTable).
+
+    Every quantized layer with ``compress_frozen``; otherwise only those whose weight has
+    ``requires_grad=True``: a layer the user froze keeps its quantizer as it is (logged).
+    """
+    layers = quant_layers(model)
+    if compress_frozen:
+        return layers
+    kept = [(n, m) for n, m in layers if m.weight.requires_grad]
+    if len(kept) < len(layers):
+        frozen = [n for n, m in layers if not m.weight.requires_grad]
+        logger.info("QASSO: not training the quantizers of %d layer(s) with a frozen weight "
+                    "(requires_grad=False): %s%s; set GETAConfig(compress_frozen=True) to train "
+                    "them", len(frozen), ", ".join(frozen[:4]), " ..." if len(frozen) > 4 else "")
+    return kept
 
 
 def denominators(bits: Sequence[float], device=None) -> torch.Tensor:

@@ -22,15 +22,37 @@ from .joint import descent_budget, forget_rate, quant_steps
 from .layout import ActiveLayout, MemberRef
 from .schedule import StagePlan
 
-__all__ = ["PruningController", "resolve_members"]
+__all__ = ["PruningController", "resolve_members", "check_frozen"]
 
 logger = logging.getLogger(__name__)
 _LOG_FLOOR = 1e-30  # as in geta_hf.quant.functional: min(|x|, q_m) is floored before log
 
 
-def resolve_members(model: nn.Module, qadg: QADG, named) -> List[MemberRef]:
-    """Every group member of ``qadg`` resolved against ``model``'s parameters (checked)."""
-    layer_of_weight = {id(layer.weight): i for i, (_, layer) in enumerate(quant_layers(model))}
+def check_frozen(qadg: QADG, named) -> None:
+    """Refuse a QADG with a family that touches a frozen parameter (``requires_grad=False``).
+
+    :func:`geta_hf.build_qadg` leaves such families out; this catches a QADG built before the
+    parameters were frozen, or without the config."""
+    for f in qadg.families:
+        for pname in f.params:
+            p = named.get(pname)
+            if p is not None and not p.requires_grad:
+                raise ValueError(
+                    f"QASSO: family {f.name!r} of the qadg touches {pname!r}, which is frozen "
+                    "(requires_grad=False); rebuild the qadg after freezing (geta_hf.build_qadg "
+                    "leaves such families out), remove it with qadg.mark_unprunable, or set "
+                    "GETAConfig(compress_frozen=True) to prune frozen parameters too")
+
+
+def resolve_members(model: nn.Module, qadg: QADG, named,
+                    quant_weights: Optional[Sequence[torch.Tensor]] = None) -> List[MemberRef]:
+    """Every group member of ``qadg`` resolved against ``model``'s parameters (checked).
+
+    ``quant_weights``: the weights of the QuantTable's weight quantizers, in its order (default:
+    every quantized layer of ``model``); a member's ``qidx`` indexes this list."""
+    if quant_weights is None:
+        quant_weights = [layer.weight for _, layer in quant_layers(model)]
+    layer_of_weight = {id(w): i for i, w in enumerate(quant_weights)}
     refs: List[MemberRef] = []
     seen_quant: Dict[int, str] = {}
     for fi, f in enumerate(qadg.families):
@@ -64,9 +86,11 @@ class PruningController:
     """Units, pruning periods, the active (being-forgotten) set and the committed set."""
 
     def __init__(self, model: nn.Module, qadg: QADG, cfg: GETAConfig, plan: StagePlan,
-                 named) -> None:
+                 named, quant_weights: Optional[Sequence[torch.Tensor]] = None) -> None:
         self.qadg, self.cfg, self.plan = qadg, cfg, plan
-        self.members = resolve_members(model, qadg, named)
+        if not cfg.compress_frozen:
+            check_frozen(qadg, named)
+        self.members = resolve_members(model, qadg, named, quant_weights)
         fams = qadg.families
         self.num_units = [f.num_units for f in fams]
         self.offsets = [f.offset for f in fams]

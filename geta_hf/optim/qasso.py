@@ -53,17 +53,18 @@ from ..config import GETAConfig
 from ..graph.qadg import QADG
 from ..quant.layers import quant_layers
 from .bits import BitController
-from .layout import QuantTable
+from .layout import QuantTable, trained_quant_layers
 from .pruning import PruningController
 from .schedule import StagePlan
+from .state import STATE_FORMAT, StateMismatchError, check_progress, check_state, search_space
 
-__all__ = ["QASSO", "VARIANTS"]
+__all__ = ["QASSO", "VARIANTS", "StateMismatchError"]
 
 logger = logging.getLogger(__name__)
 
 #: Supported dense-update variants (GETA-METHOD §3.1).
 VARIANTS = ("adamw", "adam", "sgd")
-_STATE_FORMAT = "geta_hf.QASSO/2"
+_STATE_FORMAT = STATE_FORMAT
 
 
 def _is_real(v) -> bool:
@@ -161,13 +162,16 @@ class QASSO(torch.optim.Optimizer):
         self.qadg = qadg
         self.cfg = cfg
         self.variant = variant
-        layers = quant_layers(model)
-        self._check_quantizers(layers, cfg)
-        self._quant = QuantTable(layers)
+        all_layers = quant_layers(model)
+        self._check_quantizers(all_layers, cfg)
+        # layers with a frozen weight keep their quantizers untouched unless cfg.compress_frozen
+        self._quant_layers = trained_quant_layers(model, cfg.compress_frozen)
+        self._quant = QuantTable(self._quant_layers)
         named = dict(model.named_parameters())
 
         # ---- the dense optimizer: torch's own, on two groups sharing dicts with this object
-        quant_ids = {id(p) for p in self._quant.params}
+        quant_ids = {id(p) for _, m in all_layers for q in (m.weight_quantizer, m.act_quantizer)
+                     if q is not None for p in q.parameters()}  # never in the weights group
         weights = [p for p in named.values() if p.requires_grad and id(p) not in quant_ids]
         quant = [p for p in self._quant.params if p.requires_grad]
         if not weights:
@@ -194,8 +198,10 @@ class QASSO(torch.optim.Optimizer):
         # ---- schedule and the two controllers
         self._weights = weights
         self._plan = StagePlan.from_config(cfg, total_steps, qadg.num_groups)
-        self._units = PruningController(model, qadg, cfg, self._plan, named)
+        self._units = PruningController(model, qadg, cfg, self._plan, named, self._quant.weights)
         self._bits = self._bit_controller(model, cfg, bops_estimator)
+        #: what a checkpoint must match to be resumed (computed once)
+        self._space = search_space(qadg, self._quant)
         self._check_budget()
         self._step = 0
         self._warned_past_end = False
@@ -228,7 +234,7 @@ class QASSO(torch.optim.Optimizer):
             raise ValueError("QASSO: cfg.target_relative_bops is set but no bops_estimator was "
                              "given; pass bops_estimator=geta_hf.compress.BopsEstimator(model, "
                              "qadg, example_inputs) (GETATrainer does this itself)")
-        layers = [m for _, m in quant_layers(model)]
+        layers = [m for _, m in self._quant_layers]
         return BitController(self._quant, self._plan, target,
                              bit_costs=lambda: estimator.weight_bit_costs(model, layers),
                              fisher=self._fisher)
@@ -477,6 +483,8 @@ class QASSO(torch.optim.Optimizer):
         k = max(self._step - 1, 0)
         sd["qasso"] = {
             "format": _STATE_FORMAT,
+            "config": self.cfg.to_dict(),
+            "search_space": self._space,
             "variant": self.variant,
             "step": self._step,
             "stage": plan.stage(k),
@@ -499,29 +507,36 @@ class QASSO(torch.optim.Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Restore a :meth:`state_dict` (of a QASSO built on the same model, QADG and schedule)."""
-        if not isinstance(state_dict, dict) or "qasso" not in state_dict:
+        """Restore a :meth:`state_dict` (of a QASSO built on the same model, QADG and schedule).
+
+        Raises :class:`StateMismatchError` (a ``ValueError``) naming every differing field when
+        the state was saved under another :class:`GETAConfig` or on another search space (QADG
+        fingerprint, quantized layers), or by an older geta-hf that did not record them; and
+        ``ValueError`` naming the field for a variant/schedule mismatch or a damaged progress
+        field. Nothing is changed when it raises.
+        """
+        if not isinstance(state_dict, dict) or not isinstance(state_dict.get("qasso"), dict):
             raise ValueError("QASSO.load_state_dict: state_dict has no 'qasso' entry; it was not "
                              "produced by QASSO.state_dict()")
         s = state_dict["qasso"]
-        if s.get("format") != _STATE_FORMAT:
-            raise ValueError(f"QASSO.load_state_dict: unknown format {s.get('format')!r}; "
-                             f"expected {_STATE_FORMAT!r}")
+        check_state(s, self.cfg, self._space)
         plan = self._plan
         checks = {
-            "variant": (s["variant"], self.variant),
-            "total_steps": (s["total_steps"], plan.total_steps),
-            "schedule": (list(s["schedule"]), [plan.schedule.warmup_end,
-                                               plan.schedule.projection_end,
-                                               plan.schedule.joint_end]),
-            "num_groups": (s["num_groups"], plan.num_groups),
-            "num_quantizers": (list(s["num_quantizers"]), [self._quant.n_weight, self._quant.n_act]),
+            "variant": (s.get("variant"), self.variant),
+            "total_steps": (s.get("total_steps"), plan.total_steps),
+            "schedule": (list(s.get("schedule") or []), [plan.schedule.warmup_end,
+                                                         plan.schedule.projection_end,
+                                                         plan.schedule.joint_end]),
+            "num_groups": (s.get("num_groups"), plan.num_groups),
+            "num_quantizers": (list(s.get("num_quantizers") or []),
+                               [self._quant.n_weight, self._quant.n_act]),
         }
         for key, (saved, mine) in checks.items():
             if saved != mine:
                 raise ValueError(f"QASSO.load_state_dict: the saved {key} is {saved!r} but this "
                                  f"optimizer has {mine!r}; build it with the same model, QADG, "
                                  "GETAConfig, variant and total_steps")
+        check_progress(s, plan.num_groups, len(self._quant), plan.pruning_periods)
         inner_sd = {k: v for k, v in state_dict.items() if k != "qasso"}
         self._inner.load_state_dict(inner_sd)
         self.param_groups = self._inner.param_groups
@@ -533,7 +548,7 @@ class QASSO(torch.optim.Optimizer):
         units.set_active(s["active_units"])
         units.achieved = s.get("achieved_units")
         units.budget_bound_steps = int(s.get("forget_budget_bound_steps", 0))
-        fb = s["frozen_bits"]
+        fb = s.get("frozen_bits")
         self._bits.set_frozen(None if fb is None else torch.tensor(fb, dtype=torch.float32,
                                                                    device=self._quant.device))
         self._skipped = int(s.get("skipped_steps", 0))

@@ -30,6 +30,7 @@ def _quant_spec(cfg: GETAConfig) -> dict:
         "activation_bits": None if cfg.activation_bits is None else list(cfg.activation_bits),
         "include_modules": None if cfg.include_modules is None else list(cfg.include_modules),
         "exclude_modules": list(cfg.exclude_modules),
+        "compress_frozen": cfg.compress_frozen,
     }
 
 
@@ -64,7 +65,7 @@ def _select_layers(model: nn.Module, cfg: GETAConfig):
                     f"GETAConfig.{field_name}: pattern {p!r} matches no Linear/Conv1D module of "
                     f"{type(model).__name__}; module names look like: {example}")
     shared = _shared_weights(model)
-    chosen = []
+    chosen, frozen = [], []
     for name, mod in candidates:
         if cfg.include_modules is not None and not _matches(name, cfg.include_modules):
             continue
@@ -73,8 +74,15 @@ def _select_layers(model: nn.Module, cfg: GETAConfig):
         if id(mod.weight) in shared:
             logger.info("geta_hf: not quantizing %s: its weight is tied to another module", name)
             continue
+        if not cfg.compress_frozen and not mod.weight.requires_grad:
+            frozen.append(name)
+            continue
         chosen.append((name, mod))
-    return chosen
+    if frozen:
+        logger.info("geta_hf: not quantizing %d layer(s) with a frozen weight (requires_grad="
+                    "False): %s%s; set GETAConfig(compress_frozen=True) to quantize them",
+                    len(frozen), ", ".join(frozen[:4]), " ..." if len(frozen) > 4 else "")
+    return chosen, frozen
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -91,7 +99,8 @@ def prepare_model(model: nn.Module, cfg: GETAConfig,
     ``cfg.exclude_modules`` becomes a :class:`QuantLinear` / :class:`QuantConv1D` sharing the
     original parameters, with its weight quantizer initialised at ``max(cfg.weight_bits)`` bits
     (``q_m = max|W|``, ``t = 1``; GETA-METHOD §1.4). Layers whose weight is tied to another module
-    (e.g. an LM head tied to the embeddings) are left in float and logged.
+    (e.g. an LM head tied to the embeddings) are left in float and logged, and so are layers
+    whose weight is frozen (``requires_grad=False``) unless ``cfg.compress_frozen``.
 
     With ``cfg.activation_bits`` set, each layer also gets an input quantizer. Its range comes from
     data: pass ``calibration_data`` (an iterable of model-input dicts or tensors) here, or call
@@ -115,11 +124,13 @@ def prepare_model(model: nn.Module, cfg: GETAConfig,
         if cfg.quantize_activations and calibration_data is not None:
             calibrate_activations(model, calibration_data, cfg)
         return model
-    chosen = _select_layers(model, cfg)
+    chosen, frozen = _select_layers(model, cfg)
     if not chosen:
+        why = (f"; {len(frozen)} are left out because their weight is frozen (requires_grad="
+               "False): set GETAConfig(compress_frozen=True) to quantize them") if frozen else ""
         raise ValueError(
             f"prepare_model: no Linear/Conv1D layer of {type(model).__name__} was selected for "
-            "quantization; check GETAConfig.include_modules / exclude_modules")
+            f"quantization; check GETAConfig.include_modules / exclude_modules{why}")
     w_bits = max(cfg.weight_bits)
     for name, mod in chosen:
         if isinstance(mod, nn.Linear):
@@ -175,6 +186,20 @@ def _run_model(model: nn.Module, batch) -> None:
         model(batch)
 
 
+def _nonfinite_input(batch) -> Optional[str]:
+    """The name of the first floating-point input of ``batch`` holding NaN or Inf, else None."""
+    if isinstance(batch, Mapping):
+        items = list(batch.items())
+    elif isinstance(batch, (tuple, list)):
+        items = [(f"[{i}]", v) for i, v in enumerate(batch)]
+    else:
+        items = [("input", batch)]
+    for key, v in items:
+        if torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            return str(key)
+    return None
+
+
 def _abs_percentile(x: torch.Tensor, percentile: float, gen: torch.Generator) -> torch.Tensor:
     a = x.detach().abs().flatten().float()
     if percentile >= 100.0:
@@ -183,6 +208,17 @@ def _abs_percentile(x: torch.Tensor, percentile: float, gen: torch.Generator) ->
         idx = torch.randint(0, a.numel(), (1 << 20,), generator=gen, device="cpu").to(a.device)
         a = a[idx]
     return torch.quantile(a, percentile / 100.0)
+
+
+def _merge_finite(stats: dict, batch_stats: dict, index: int) -> None:
+    """Fold one batch's ranges into ``stats`` after checking them (one host sync per batch)."""
+    if batch_stats and not bool(torch.isfinite(torch.stack(list(batch_stats.values()))).all()):
+        layer = next(n for n, v in batch_stats.items() if not bool(torch.isfinite(v)))
+        raise ValueError(f"calibrate_activations: calibration batch {index} (0-based) gives a "
+                         f"NaN or Inf input to layer {layer!r}; allowed: batches on which every "
+                         "layer input is finite")
+    for name, v in batch_stats.items():
+        stats[name] = v if name not in stats else torch.maximum(stats[name], v)
 
 
 @torch.no_grad()
@@ -194,6 +230,9 @@ def calibrate_activations(model: nn.Module, batches: Iterable, cfg: GETAConfig,
     ``cfg.act_calibration_batches``) batches; each layer's clip ``q_m`` becomes the largest
     ``cfg.act_calibration_percentile``-th percentile of ``|input|`` seen, and ``d`` is set for
     ``max(cfg.activation_bits)`` bits. Returns ``{layer name: q_m}``.
+
+    A batch holding NaN or Inf, or one on which some layer's input is not finite, raises
+    ``ValueError`` naming the batch index (0-based) and the input or layer; no range is set.
     """
     if cfg.activation_bits is None:
         raise ValueError("calibrate_activations: GETAConfig.activation_bits is None "
@@ -204,12 +243,13 @@ def calibrate_activations(model: nn.Module, batches: Iterable, cfg: GETAConfig,
                          "prepare_model with GETAConfig.activation_bits set first")
     limit = max_batches or cfg.act_calibration_batches
     stats: dict[str, torch.Tensor] = {}
+    batch_stats: dict[str, torch.Tensor] = {}
     gen = torch.Generator().manual_seed(0)
 
     def hook_for(name):
         def hook(_mod, args):
             v = _abs_percentile(args[0], cfg.act_calibration_percentile, gen)
-            stats[name] = v if name not in stats else torch.maximum(stats[name], v)
+            batch_stats[name] = v if name not in batch_stats else torch.maximum(batch_stats[name], v)
         return hook
 
     handles = [m.register_forward_pre_hook(hook_for(n)) for n, m in layers]
@@ -221,7 +261,13 @@ def calibrate_activations(model: nn.Module, batches: Iterable, cfg: GETAConfig,
             for batch in batches:
                 if seen >= limit:
                     break
+                bad = _nonfinite_input(batch)
+                if bad is not None:
+                    raise ValueError(f"calibrate_activations: calibration batch {seen} (0-based) "
+                                     f"holds NaN or Inf in input {bad!r}; allowed: finite values")
+                batch_stats.clear()
                 _run_model(model, batch)
+                _merge_finite(stats, batch_stats, seen)
                 seen += 1
     finally:
         for h in handles:
