@@ -145,6 +145,25 @@ def test_eval_only_of_the_compressed_checkpoint(trained, tmp_path):
                str(tmp_path / "t"), "--do_train", *SPLIT, *DATA])
 
 
+def test_two_process_eval_gathers_every_feature(trained, tmp_path):
+    """`accelerate launch` with 2 CPU processes: each evaluates half the features; the EM/F1
+    computed from the gathered logits equal the single-process ones."""
+    import subprocess
+
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", "0", os.path.join(ROOT, "scripts", "run_qa.py"),
+           "--model_name_or_path", str(trained["out"] / "compressed"), "--output_dir", str(tmp_path),
+           "--do_eval", *SPLIT, *DATA, "--per_device_eval_batch_size", "16"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    saved = json.loads((tmp_path / "eval_results.json").read_text())
+    assert saved["eval_f1"] == pytest.approx(trained["result"]["eval_compressed"]["eval_compressed_f1"], abs=1e-6)
+    assert saved["eval_exact_match"] == pytest.approx(
+        trained["result"]["eval_compressed"]["eval_compressed_exact_match"], abs=1e-6)
+
+
 def test_squad_v2_reports_has_ans_and_no_ans(trained, tmp_path):
     from geta_hf.data import load_squad_json
 
