@@ -135,6 +135,13 @@ def load_examples(data: DataArguments, targs) -> dict:
             raise ValueError(f"run_qa: no data for {flag}: give --dataset_name, --synthetic, or "
                              "--train_file with --validation_file or --split_by_article FRACTION "
                              "(--test_file for --do_predict)")
+    if not data.version_2_with_negative:
+        for name, ds in (("evaluation", evald if targs.do_eval else None),
+                         ("test", test if targs.do_predict else None)):
+            if ds is not None and "answers" in ds.column_names and \
+                    any(not a["text"] for a in ds["answers"]):
+                raise ValueError(f"run_qa: the {name} data has unanswerable questions (SQuAD v2); "
+                                 "pass --version_2_with_negative")
     return {"train": _truncate(train, data.max_train_samples) if targs.do_train else None,
             "validation": _truncate(evald, data.max_eval_samples) if targs.do_eval else None,
             "test": _truncate(test, data.max_predict_samples) if targs.do_predict else None}

@@ -210,7 +210,7 @@ def test_resume_from_the_last_complete_checkpoint(trained, tiny_dir, tmp_path):
     assert os.listdir(other) == ["notes.txt"]
 
 
-def test_clear_errors_before_any_work(tiny_dir, tmp_path):
+def test_clear_errors_before_any_work(tiny_dir, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="nothing to do"):
         _main(["--model_name_or_path", tiny_dir, "--output_dir", str(tmp_path), *SPLIT, *DATA])
     with pytest.raises(ValueError, match="needs --do_train"):
@@ -218,3 +218,13 @@ def test_clear_errors_before_any_work(tiny_dir, tmp_path):
                "--push_to_hub", *SPLIT, *DATA])
     with pytest.raises(ValueError, match="no data for --do_predict"):
         _main(["--model_name_or_path", tiny_dir, "--output_dir", str(tmp_path), "--do_predict", *DATA])
+    # a Hub dataset with unanswerable questions (squad_v2) needs --version_2_with_negative
+    import datasets
+
+    from geta_hf.data import load_squad_json
+
+    v2 = datasets.DatasetDict(validation=load_squad_json(SLICE, answerable_only=False))
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: v2)
+    with pytest.raises(ValueError, match="--version_2_with_negative"):
+        _main(["--model_name_or_path", tiny_dir, "--output_dir", str(tmp_path), "--do_eval",
+               "--dataset_name", "squad_v2", *DATA])
