@@ -1,4 +1,4 @@
-"""Launched by test_trainer.py under `torchrun --nproc_per_node 2` (CPU, gloo)."""
+"""Launched by test_trainer.py under `accelerate launch --multi_gpu --num_processes 2` (CPU, gloo)."""
 
 import hashlib
 import json

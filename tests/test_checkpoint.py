@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 import geta_hf
 from geta_hf import CheckpointError, GETAConfig, build_qadg
 from geta_hf.compress import PackedQuantLinear
+from geta_hf.hf.quantizer import QUANT_METHOD
 from geta_hf.quant import quant_layers
 
 from tiny_models import FAMILIES, build
@@ -72,7 +73,7 @@ def test_round_trip_with_auto_class(name, tmp_path):
     for k in t1:
         assert t1[k].dtype == t2[k].dtype and torch.equal(t1[k], t2[k]), k
     qc = json.loads((d1 / "config.json").read_text())["quantization_config"]
-    assert qc["quant_method"] == "geta" and qc["format_version"] == 2
+    assert qc["quant_method"] == QUANT_METHOD and qc["format_version"] == 2
     assert qc["geta_config"] == cfg.to_dict()
 
 
@@ -200,7 +201,16 @@ def test_loading_without_geta_hf_fails_loudly(tmp_path):
             "print('LOADED')\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and "LOADED" not in r.stdout
-    assert "mismatch" in (r.stderr + r.stdout).lower()
+    out = r.stderr + r.stdout
+    assert "mismatch" in out.lower()
+    # transformers prints the checkpoint's quant_method, which carries the install hint
+    assert "Unknown quantization type, got geta (pip install geta-hf; import geta_hf)" in out
+    # a checkpoint written before the hint ("quant_method": "geta") still loads
+    old = _corrupt(tmp_path / "ck", tmp_path / "old", lambda q: q.update(quant_method="geta"))
+    back = tf.AutoModelForQuestionAnswering.from_pretrained(str(old))
+    assert back.geta_arch["compressed"]
+    with torch.no_grad():
+        assert torch.equal(back(**make(1)).start_logits, model(**make(1)).start_logits)
 
 
 def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
@@ -240,7 +250,7 @@ def test_registration_is_idempotent():
     importlib.reload(geta_hf)
     from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING
 
-    assert "geta" in AUTO_QUANTIZER_MAPPING
+    assert "geta" in AUTO_QUANTIZER_MAPPING and QUANT_METHOD in AUTO_QUANTIZER_MAPPING
 
 
 # ----------------------------------------------------------------------------- saves never destroy

@@ -15,8 +15,8 @@ import torch
 
 from geta_hf.data import (
     SquadFormatError, entity_pools, generate_squad, load_squad_json, normalize_answer,
-    postprocess_predictions, prepare_eval_features, prepare_train_features, split_by_article,
-    squad_metrics, write_squad_json,
+    postprocess_predictions, postprocess_qa_predictions, prepare_eval_features,
+    prepare_train_features, split_by_article, squad_metrics, squad_v2_metrics, write_squad_json,
 )
 
 SLICE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "squad-v2-dev-slice.json")
@@ -383,6 +383,44 @@ def test_postprocess_n_best_search_matches_brute_force():
     assert pred == context[offs[best[1]][0]:offs[best[2]][1]]
 
 
+def test_postprocess_nbest_matches_best_span_and_is_ranked():
+    rng = np.random.default_rng(3)
+    examples, features = _toy_features()
+    for _ in range(20):
+        start, end = rng.normal(size=(2, 8)), rng.normal(size=(2, 8))
+        out = postprocess_qa_predictions(examples, features, start, end, n_best_size=4)
+        assert out.predictions == postprocess_predictions(examples, features, start, end, n_best_size=4)
+        nb = out.nbest["x"]
+        assert 1 <= len(nb) <= 4 and nb[0]["text"] == out.predictions["x"] and out.null_odds is None
+        scores = [e["start_logit"] + e["end_logit"] for e in nb]
+        assert scores == sorted(scores, reverse=True)
+        assert sum(e["probability"] for e in nb) == pytest.approx(1.0)
+        assert all(e["text"] for e in nb)  # v1: no null answer in the list
+
+
+def test_postprocess_v2_null_answer_and_threshold():
+    examples, features = _toy_features()
+    features = dict(features, cls_index=[0, 0])
+    start, end = np.zeros((2, 8)), np.zeros((2, 8))
+    start[0, 2] = end[0, 3] = 2.0  # best span "alpha beta": 4.0
+    start[:, 0] = end[:, 0] = 3.0  # null scores 6.0 in both windows ...
+    start[1, 0] = 1.0  # ... except window 2: 4.0, and the lowest null score counts
+    out = postprocess_qa_predictions(examples, features, start, end, version_2_with_negative=True)
+    assert out.null_odds["x"] == pytest.approx(0.0) and out.predictions["x"] == "alpha beta"
+    start[1, 0] = 2.5  # null 5.5 > 4.0: no answer
+    out = postprocess_qa_predictions(examples, features, start, end, version_2_with_negative=True)
+    assert out.null_odds["x"] == pytest.approx(1.5) and out.predictions["x"] == ""
+    assert out.nbest["x"][0]["text"] == "" and sum(e["probability"] for e in out.nbest["x"]) == pytest.approx(1)
+    out = postprocess_qa_predictions(examples, features, start, end, version_2_with_negative=True,
+                                     null_score_diff_threshold=2.0)
+    assert out.predictions["x"] == "alpha beta"  # 1.5 <= threshold: answer
+    # the null answer stays in a full n-best list even when it ranks below it
+    start[:, 0] = end[:, 0] = -50.0
+    out = postprocess_qa_predictions(examples, features, start, end, n_best_size=2,
+                                     version_2_with_negative=True)
+    assert [e["text"] for e in out.nbest["x"]][-1] == "" and len(out.nbest["x"]) == 3
+
+
 # ----------------------------------------------------------------------------- metrics
 def test_squad_metrics_hand_computed():
     assert squad_metrics({"q": "The Eiffel Tower!"}, {"q": ["eiffel tower"]}) == \
@@ -415,6 +453,32 @@ def test_squad_metrics_agree_with_torchmetrics(squad_slice):
     assert ours["exact_match"] == pytest.approx(float(theirs["exact_match"]), abs=1e-3)
     assert ours["f1"] == pytest.approx(float(theirs["f1"]), abs=1e-3)
     assert 20 < ours["f1"] < 80
+
+
+def test_squad_v2_metrics_hand_computed():
+    refs = {"a": ["Paris"], "b": [], "c": ["the Alps", "Alps"], "d": []}
+    m = squad_v2_metrics({"a": "paris", "b": "", "c": "Alps mountains", "d": "something"}, refs)
+    assert m["HasAns_total"] == 2 and m["NoAns_total"] == 2 and m["total"] == 4
+    assert m["HasAns_exact"] == 50 and m["HasAns_f1"] == pytest.approx(100 * (1 + 2 / 3) / 2)
+    assert m["NoAns_exact"] == m["NoAns_f1"] == 50
+    assert m["exact_match"] == 50 and m["f1"] == pytest.approx(100 * (1 + 2 / 3 + 1) / 4)
+    assert "NoAns_f1" not in squad_v2_metrics({"a": "Paris"}, {"a": ["Paris"]})
+    assert squad_v2_metrics({}, {"b": []})["exact_match"] == 0  # a missing prediction scores 0
+
+
+def test_squad_v2_metrics_on_answerable_data_agree_with_torchmetrics(squad_slice):
+    from geta_hf.tasks import squad_scores
+
+    rng = np.random.default_rng(2)
+    preds = {r["id"]: (r["answers"]["text"][-1] if rng.random() < 0.4 else
+                       " ".join(r["context"].split()[:int(rng.integers(1, 6))])) for r in squad_slice}
+    v1 = squad_scores(preds, squad_slice)  # torchmetrics
+    v2 = squad_v2_metrics(preds, squad_slice)
+    assert v2["exact_match"] == pytest.approx(v1["exact_match"], abs=1e-4)
+    assert v2["f1"] == pytest.approx(v1["f1"], abs=1e-4) and 20 < v1["f1"] < 80
+    assert v2["HasAns_f1"] == v2["f1"] and "NoAns_total" not in v2
+    with pytest.raises(ValueError, match="version_2_with_negative"):
+        squad_scores({"q": ""}, [{"id": "q", "answers": {"text": [], "answer_start": []}}])
 
 
 # ----------------------------------------------------------------------------- fine-tuning

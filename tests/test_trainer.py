@@ -132,9 +132,13 @@ def test_gradient_accumulation_selects_the_same_units(tmp_path):
 
 
 def test_two_process_cpu_ddp(tmp_path):
+    """Two CPU processes started the way the README says: `accelerate launch` (its --multi_gpu
+    means "several processes through torch.distributed.run"; the script's use_cpu keeps them on
+    CPU with gloo)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=HERE + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           os.path.join(HERE, "ddp_train.py"), str(tmp_path)]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", "0", os.path.join(HERE, "ddp_train.py"), str(tmp_path)]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2)]

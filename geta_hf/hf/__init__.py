@@ -7,7 +7,8 @@ from .distill import DistillationTrainer, distillation_loss
 from .resume import (IncompleteCheckpointError, ResumeStateError, check_checkpoint,
                      last_complete_checkpoint)
 from .card import model_card
-from .serialization import attach_quantization_config, compress_model, save_compressed
+from .serialization import (SaveRollbackError, attach_quantization_config, compress_model,
+                            save_compressed)
 from .trainer import GETACallback, GETATrainer
 
 register()
@@ -15,5 +16,5 @@ register()
 __all__ = ["GETAQuantizationConfig", "GETAHfQuantizer", "CheckpointError", "register",
            "save_compressed", "compress_model", "attach_quantization_config", "model_card",
            "quantization_config_from_model", "GETATrainer", "GETATrainingArguments",
-           "GETACallback", "IncompleteCheckpointError", "ResumeStateError", "check_checkpoint",
-           "last_complete_checkpoint", "DistillationTrainer", "distillation_loss"]
+           "GETACallback", "IncompleteCheckpointError", "ResumeStateError", "SaveRollbackError",
+           "check_checkpoint", "last_complete_checkpoint", "DistillationTrainer", "distillation_loss"]

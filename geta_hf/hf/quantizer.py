@@ -1,12 +1,19 @@
 """The ``geta`` quantization method of transformers: config, HfQuantizer, registration.
 
 A compressed checkpoint's ``config.json`` carries ``quantization_config = {"quant_method":
-"geta", "format_version": 1, "layers": {...}, "architecture": {...}, ...}``: per quantized layer
+"geta (pip install geta-hf; import geta_hf)", "format_version": 1, "layers": {...},
+"architecture": {...}, ...}``: per quantized layer
 its shape, weight bits, scale/clip/exponent and input quantizer; and the pruned architecture
 (units kept per family, every resized parameter's shape, changed module attributes). With
 ``geta_hf`` imported, plain ``AutoModel*.from_pretrained(dir)`` builds the dense skeleton on the
 meta device, `GETAHfQuantizer` resizes and replaces its modules before the weights are loaded,
 and the exact compressed model comes back.
+
+Without ``geta_hf`` imported, transformers cannot know the method: it logs "Unknown quantization
+type, got <quant_method> - ...", loads the dense skeleton and fails on the pruned shapes with a
+fixed message ("You set `ignore_mismatched_sizes` to `False` ..."). ``quant_method`` is the only
+text of the checkpoint that this path prints, hence the install hint inside it (:data:`QUANT_METHOD`;
+checkpoints written before it say ``"geta"`` and still load).
 """
 
 from __future__ import annotations
@@ -36,7 +43,10 @@ logger = logging.getLogger(__name__)
 #: that values cannot be verified): without it
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
-QUANT_METHOD = "geta"
+#: the ``quant_method`` written to checkpoints; transformers prints it when geta_hf is not imported
+QUANT_METHOD = "geta (pip install geta-hf; import geta_hf)"
+#: every ``quant_method`` this version reads ("geta": checkpoints written before the hint)
+QUANT_METHODS = (QUANT_METHOD, "geta")
 _TOP_KEYS = {"quant_method", "format_version", "layers", "architecture", "geta_config",
              "base_model"}
 _LAYER_KEYS = {"in_features", "out_features", "bias", "weight_bits", "weight_scale",
@@ -62,9 +72,9 @@ class GETAQuantizationConfig(QuantizationConfigMixin):
         if unknown:
             raise CheckpointError(f"quantization_config: unknown field(s) {sorted(unknown)}; "
                                   f"allowed: {sorted(_TOP_KEYS)}")
-        if quant_method != QUANT_METHOD:
+        if quant_method not in QUANT_METHODS:
             raise CheckpointError(f"quantization_config.quant_method: got {quant_method!r}; "
-                                  f"allowed: {QUANT_METHOD!r}")
+                                  f"allowed: {', '.join(map(repr, QUANT_METHODS))}")
         self.quant_method = QUANT_METHOD
         self.format_version = format_version
         missing = [k for k, v in (("layers", layers), ("architecture", architecture)) if v is None]
@@ -375,15 +385,17 @@ _registered = False
 
 
 def register() -> None:
-    """Register the ``geta`` method with transformers (idempotent; re-imports are safe)."""
+    """Register the ``geta`` method (every name in :data:`QUANT_METHODS`) with transformers
+    (idempotent; re-imports are safe)."""
     global _registered
     if _registered:
         return
     from transformers.quantizers.auto import (AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING,
                                               register_quantization_config, register_quantizer)
 
-    if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
-        register_quantization_config(QUANT_METHOD)(GETAQuantizationConfig)
-    if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
-        register_quantizer(QUANT_METHOD)(GETAHfQuantizer)
+    for name in QUANT_METHODS:
+        if name not in AUTO_QUANTIZATION_CONFIG_MAPPING:
+            register_quantization_config(name)(GETAQuantizationConfig)
+        if name not in AUTO_QUANTIZER_MAPPING:
+            register_quantizer(name)(GETAHfQuantizer)
     _registered = True

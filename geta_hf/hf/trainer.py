@@ -49,6 +49,18 @@ def _check_optim(args) -> None:
                          "'adamw', 'adam', 'sgd'); leave --optim at its default")
 
 
+def _push_only_at_end(args) -> None:
+    """With ``push_to_hub``, checkpoints are not pushed (``hub_strategy='end'``): they hold the
+    fake-quantized training model, which would replace the compressed model on the Hub."""
+    from transformers.trainer_utils import HubStrategy
+
+    if getattr(args, "push_to_hub", False) and args.hub_strategy != HubStrategy.END:
+        logger.warning("GETATrainer: hub_strategy=%s changed to 'end': the Hub receives the compressed "
+                       "model once, from push_to_hub(), not the fake-quantized checkpoints",
+                       getattr(args.hub_strategy, "value", args.hub_strategy))
+        args.hub_strategy = HubStrategy.END
+
+
 class GETACallback(TrainerCallback):
     """Logs a progress line (``logging``, logger ``geta_hf.hf.trainer``) whenever QASSO enters a
     new stage, and asks the Trainer for a log there (so the ``geta/*`` figures are recorded)."""
@@ -128,6 +140,7 @@ class GETATrainer(DistillationTrainer):
                              "`optimizers`")
         self.geta_config = geta_config
         _check_optim(args)
+        _push_only_at_end(args)
         super().__init__(model, args, *a, **kwargs)
         if getattr(self.args, "geta_tune_cpu_allocator", True) and self.args.device.type == "cpu":
             tune_cpu_allocator()
