@@ -236,3 +236,11 @@ def test_loaded_checkpoint_runs_integer_and_fine_tunes(tmp_path, int_calls):
     assert len(int_calls) == len(before)
     for a, b in zip(got, ref):
         assert (a - b).abs().max().item() <= 1e-3 * b.abs().max().item()
+
+
+def test_model_stats_count_integer_matmuls():
+    model, make = compress_tiny("llama")
+    on = geta_hf.model_stats(model, make(1))
+    with use_integer_kernels(model, False):
+        off = geta_hf.model_stats(model, make(1))
+    assert on["macs"] == off["macs"] > 0 and on["bops"] == off["bops"]
