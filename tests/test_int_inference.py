@@ -8,7 +8,7 @@ import geta_hf
 from geta_hf import GETAConfig, build_qadg
 from geta_hf.compress import PackedQuantLinear, use_integer_kernels
 from geta_hf.compress import packed as packed_mod
-from geta_hf.compress.intmm import input_codes, max_code
+from geta_hf.compress.intmm import input_codes, max_code, quantizer_scalars
 from geta_hf.quant import quant_layers
 from geta_hf.quant.quantizer import GETAQuantizer
 
@@ -64,7 +64,7 @@ def int_calls(monkeypatch):
     real = packed_mod.int8_linear
 
     def counting(*args, **kwargs):
-        calls.append(args[1].shape)
+        calls.append(args[1].w_codes.shape)
         return real(*args, **kwargs)
 
     monkeypatch.setattr(packed_mod, "int8_linear", counting)
@@ -82,10 +82,10 @@ def test_input_codes_times_step_equal_the_fake_quantizer(nonlinear, dtype):
             q.t.fill_(0.8)
         q.set_bits(6)
     x = (torch.randn(4000, generator=torch.Generator().manual_seed(0)) * 1.5).to(dtype)
-    k = input_codes(x, q)
-    assert torch.equal(k, k.round()) and k.abs().max() == max_code(q)
+    k = input_codes(x, *quantizer_scalars(q))
+    assert k.dtype == torch.int8 and k.abs().max() == max_code(q)
     assert max_code(q) == (31 if nonlinear else 127)
-    assert torch.equal((k * q.d.detach()).to(dtype), q(x))
+    assert torch.equal((k.float() * q.d.detach()).to(dtype), q(x))
 
 
 # ---------------------------------------------------------------------------- equivalence
@@ -177,7 +177,7 @@ def test_integer_codes_are_not_saved():
     keys = set(model.state_dict())
     outputs(model, make(1))
     assert set(model.state_dict()) == keys
-    assert all(m._int_cache[1][0].dtype == torch.int8 for m in packed_layers(model))
+    assert all(m._int_cache[1].w_codes.dtype == torch.int8 for m in packed_layers(model))
     assert not any(t.dtype == torch.int8 for t in model.state_dict().values())
 
 

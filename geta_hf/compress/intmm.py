@@ -6,11 +6,12 @@ So a layer whose weight *and* input are quantized computes exactly ``d_x d_W (k_
 the integer product is exact in int32, and only the final rescale is rounded. With both code
 ranges within int8 (``|k| <= 127``, i.e. <= 8 bits) this runs on ``torch._int_mm``.
 
-Measured on this project's CPU (AVX512-VNNI, 2 threads, MiniLM shapes K, N in {384, 1536}):
-``torch._int_mm`` is 2-30x faster than fp32 ``F.linear`` from M = 1 to M = 1024 and accepts any
-M, K, N on CPU (CUDA wants M > 16 and K, N multiples of 8; other shapes fall back to float).
-The weight-only kernels were slower than fp32 ``F.linear`` at every shape measured:
-``_weight_int8pack_mm`` 4-7x slower at M = 1 (K, N up to 4096) and ~30x at M = 1024;
+Measured on this project's CPU (AVX512-VNNI, 2 threads, MiniLM shapes K, N in {384, 1536};
+best of 30-200 runs on a loaded machine): ``torch._int_mm`` beat fp32 ``F.linear`` at every M
+from 1 to 1024 (2-9x at M = 1024; issue #15 measured 8.6-9.3x there on a quiet machine) and
+accepts any M, K, N on CPU (CUDA wants M > 16 and K, N multiples of 8; other shapes fall back
+to float). The weight-only kernels were slower than fp32 ``F.linear`` at every shape measured:
+``_weight_int8pack_mm`` 4-7x slower at M = 1 (K, N up to 4096) and 10x or more at M = 128;
 ``_weight_int4pack_mm_for_cpu`` with fp32 activations 8-100x slower (it is fast only with bf16
 activations, which would change the computed values). Weight-only layers therefore stay on the
 float path.
@@ -18,7 +19,7 @@ float path.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 from torch import nn
@@ -26,51 +27,60 @@ from torch import nn
 from ..quant.functional import EPS, T_MIN
 from ..quant.quantizer import GETAQuantizer
 
-__all__ = ["INT8_MAX", "input_codes", "max_code", "int_mm_supported", "int8_linear",
-           "use_integer_kernels"]
+__all__ = ["INT8_MAX", "IntState", "quantizer_scalars", "input_codes", "max_code",
+           "int_mm_supported", "int8_linear", "use_integer_kernels"]
 
 #: largest code magnitude an int8 GEMM operand may hold (symmetric codes, <= 8 bits)
 INT8_MAX = 127
 _INT32_MAX = 2 ** 31 - 1
 _LOG_FLOOR = 1e-30  # as in quant.functional: min(|x|, q_m) is floored before ``log``
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
-def _scalars(q: GETAQuantizer):
-    d = q.d.detach().clamp_min(EPS)
-    qm = q.q_m.detach().abs().clamp_min(EPS)
-    t = None if q.t is None else q.t.detach().clamp_min(T_MIN)
-    return d, qm, t
+class IntState(NamedTuple):
+    """What a layer's integer path needs, built once: int8 weight codes and host scalars."""
 
-
-def input_codes(x: torch.Tensor, q: GETAQuantizer) -> torch.Tensor:
-    """The integer codes ``k`` of ``q(x) = d k``, as a float tensor of ``x``'s shape.
-
-    The same operations, in the same order and dtype, as the forward of
-    ``quant.functional.fake_quantize`` (fp16/bf16 are quantized in float32), so
-    ``codes * d == q(x)`` bit for bit.
-    """
-    d, qm, t = _scalars(q)
-    if x.dtype in _LOW_PRECISION:
-        x = x.float()
-    dt = x.dtype
-    d_x, qm_x = d.to(dt), qm.to(dt)
-    if t is None:
-        k = torch.minimum(x, qm_x)
-        torch.maximum(k, -qm_x, out=k)
-        return k.div_(d_x).round_()
-    u = x.abs()
-    torch.minimum(u, qm_x, out=u)
-    u.clamp_min_(_LOG_FLOOR).log_().mul_(t.to(dt)).exp_()
-    return u.div_(d_x).round_().copysign_(x)
+    w_codes: torch.Tensor  #: int8 ``(out, in)``
+    scale: float  #: ``d_x d_W``, rounded to float32
+    d: float  #: input step ``d_x``
+    q_m: float  #: input clip
+    t: Optional[float]  #: input exponent (None: linear quantizer)
 
 
 @torch.no_grad()
+def quantizer_scalars(q: GETAQuantizer) -> Tuple[float, float, Optional[float]]:
+    """``(d, q_m, t)`` of ``q`` as the float32 values its forward uses (one host sync)."""
+    d = q.d.detach().clamp_min(EPS).float()
+    qm = q.q_m.detach().abs().clamp_min(EPS).float()
+    t = None if q.t is None else q.t.detach().clamp_min(T_MIN).float()
+    vals = torch.stack([d, qm, torch.ones_like(d) if t is None else t]).tolist()
+    return vals[0], vals[1], None if t is None else vals[2]
+
+
 def max_code(q: GETAQuantizer) -> int:
     """Largest code magnitude ``q`` can produce: ``round(q_m^t / d)`` (one host sync)."""
-    d, qm, t = _scalars(q)
-    top = qm if t is None else qm.pow(t)
-    return int(torch.round(top / d).item())
+    d, qm, t = quantizer_scalars(q)
+    top = torch.tensor(qm, dtype=torch.float32)
+    if t is not None:
+        top = top.pow(torch.tensor(t, dtype=torch.float32))
+    return int(torch.round(top / torch.tensor(d, dtype=torch.float32)))
+
+
+def input_codes(x: torch.Tensor, d: float, q_m: float, t: Optional[float] = None) -> torch.Tensor:
+    """The integer codes ``k`` of ``Q(x) = d k`` as an int8 tensor of ``x``'s shape.
+
+    ``d``, ``q_m``, ``t`` from :func:`quantizer_scalars`; the codes must fit int8
+    (``max_code <= 127``). The same float32 operations in the same order as the forward of
+    ``quant.functional.fake_quantize`` (fp16/bf16 are quantized in float32), so
+    ``k * d == Q(x)`` bit for bit. Scalar (not 0-dim tensor) operands: 2-3x faster on CPU.
+    """
+    if x.dtype != torch.float32:
+        x = x.float()
+    if t is None:
+        k = torch.clamp(x, -q_m, q_m).div_(d).round_()
+    else:
+        u = torch.clamp(x.abs(), _LOG_FLOOR, q_m)  # min(|x|, q_m), floored (q_m >= EPS > floor)
+        k = u.log_().mul_(t).exp_().div_(d).round_().copysign_(x)
+    return k.to(torch.int8)
 
 
 def int_mm_supported(m: int, k: int, n: int, device: torch.device) -> bool:
@@ -89,20 +99,19 @@ def accumulation_fits(k: int, max_x: int, max_w: int) -> bool:
     return k * max_x * max_w <= _INT32_MAX
 
 
-def int8_linear(x_codes: torch.Tensor, w_codes: torch.Tensor, scale: torch.Tensor,
-                bias: Optional[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
-    """``(x_codes @ w_codes^T) * scale + bias`` with an int8 x int8 -> int32 GEMM.
+def int8_linear(x: torch.Tensor, state: IntState, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """``(k_x @ k_W^T) d_x d_W + b``: input codes, int8 x int8 -> int32 GEMM, one rescale.
 
-    ``x_codes``: float codes ``(..., K)`` within int8 range; ``w_codes``: int8 ``(N, K)``;
-    ``scale``: 0-dim float32 ``d_x d_W``. The rescale is done in float32 (an int32 sum can exceed
-    the float16 range) and the result is cast to ``out_dtype``.
+    The rescale and bias add are one float32 pass (an int32 sum can exceed the float16 range);
+    the result has ``x``'s dtype.
     """
-    lead = x_codes.shape[:-1]
-    xi = x_codes.reshape(-1, x_codes.shape[-1]).to(torch.int8)
-    y = torch._int_mm(xi, w_codes.t()).to(torch.float32).mul_(scale)
-    if bias is not None:
-        y.add_(bias.to(torch.float32) if bias.dtype != torch.float32 else bias)
-    return y.to(out_dtype).view(*lead, w_codes.shape[0])
+    codes = input_codes(x, state.d, state.q_m, state.t)
+    acc = torch._int_mm(codes.reshape(-1, codes.shape[-1]), state.w_codes.t())
+    if bias is None:
+        y = acc.mul(state.scale)  # int32 * float scalar -> float32
+    else:
+        y = torch.add(bias if bias.dtype == torch.float32 else bias.float(), acc, alpha=state.scale)
+    return y.to(x.dtype).view(*x.shape[:-1], state.w_codes.shape[0])
 
 
 class use_integer_kernels:

@@ -65,8 +65,8 @@ class _OnnxPackedLinear(nn.Module):
                 self.q_m = float(aq.q_m.detach().abs().clamp_min(EPS).float())
                 self.t = float(aq.t.detach().clamp_min(T_MIN).float()) if self.nonlinear else 1.0
             if self.integer:
-                self.register_buffer("w_codes_t", state[0].t().contiguous())  # (in, out) int8
-                self.register_buffer("scale", state[1].float())
+                self.register_buffer("w_codes_t", state.w_codes.t().contiguous())  # (in, out)
+                self.register_buffer("scale", torch.tensor(state.scale, dtype=torch.float32))
                 self.register_buffer("zp_x", torch.tensor(_U8_ZERO, dtype=torch.uint8))
                 self.register_buffer("zp_w", torch.tensor(0, dtype=torch.int8))
             else:

@@ -25,8 +25,8 @@ from ..quant.functional import EPS, T_MIN
 from ..quant.layers import QuantLayerMixin, carry_over_hooks
 from ..quant.quantizer import GETAQuantizer
 from .bitpack import pack_codes, packed_nbytes, unpack_codes
-from .intmm import (INT8_MAX, accumulation_fits, input_codes, int8_linear, int_mm_supported,
-                    max_code)
+from .intmm import (INT8_MAX, IntState, accumulation_fits, int8_linear, int_mm_supported,
+                    max_code, quantizer_scalars)
 
 __all__ = ["PackedQuantLinear", "pack_layer", "bits_for_codes"]
 
@@ -123,10 +123,10 @@ class PackedQuantLinear(nn.Module):
         aq = self.act_quantizer
         return aq is not None and aq.calibrated and aq.enabled
 
-    def _int_state(self, device: torch.device):
-        """``(int8 codes (out, in), d_x d_W)`` if the codes fit the int8 GEMM, else None.
+    def _int_state(self, device: torch.device) -> Optional[IntState]:
+        """The integer path's weights and scalars if the codes fit the int8 GEMM, else None.
 
-        Built on first use and whenever a scale or the codes change (one host sync then).
+        Built on first use and whenever a scale or the codes change (host syncs only then).
         """
         key = self._state_key(device)
         if self._int_cache is None or self._int_cache[0] != key:
@@ -135,11 +135,10 @@ class PackedQuantLinear(nn.Module):
             if max_w <= INT8_MAX:
                 max_x = max_code(self.act_quantizer)
                 if max_x <= INT8_MAX and accumulation_fits(self.in_features, max_x, max_w):
-                    with torch.no_grad():
-                        w = self.codes().to(device=device, dtype=torch.int8)
-                        d_x = self.act_quantizer.d.detach().clamp_min(EPS).float()
-                        scale = (d_x * self.weight_scale.float()).to(device)
-                    state = (w, scale)
+                    d, q_m, t = quantizer_scalars(self.act_quantizer)
+                    scale = float(torch.tensor(d, dtype=torch.float32) * self.weight_scale.float())
+                    w = self.codes().to(device=device, dtype=torch.int8)
+                    state = IntState(w, scale, d, q_m, t)
             self._int_cache = (key, state)
         return self._int_cache[1]
 
@@ -168,8 +167,7 @@ class PackedQuantLinear(nn.Module):
                 and not self._needs_grad(x):
             state = self._int_state(x.device)
             if state is not None:
-                return int8_linear(input_codes(x, self.act_quantizer), state[0], state[1],
-                                   self.bias, x.dtype)
+                return int8_linear(x, state, self.bias)
         if self.act_quantizer is not None:
             x = self.act_quantizer(x)
         if self.training:
