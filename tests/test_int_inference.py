@@ -172,6 +172,20 @@ def test_scale_changes_in_eval_mode_rebuild_the_integer_state(int_calls):
     assert max_code(layer.act_quantizer) == 15
 
 
+def test_torch_export_traces_the_float_path(int_calls):
+    model, make = compress_tiny("bert")
+    outputs(model, make(1))  # integer caches built
+    int_calls.clear()
+    with torch.no_grad():
+        program = torch.export.export(model, (), make(1), strict=False)
+    assert not int_calls
+    with torch.no_grad():
+        got = program.module()(**make(2))
+    with use_integer_kernels(model, False):
+        ref = outputs(model, make(2))
+    assert torch.allclose(got.start_logits, ref[0], rtol=0, atol=1e-5)
+
+
 def test_integer_codes_are_not_saved():
     model, make = compress_tiny("gpt2")
     keys = set(model.state_dict())

@@ -153,7 +153,8 @@ class PackedQuantLinear(nn.Module):
     def kernel(self) -> str:
         """The path inference takes: ``"int8"`` (integer GEMM) or ``"float"``.
 
-        Training, and any forward that needs gradients, always takes the float path.
+        Training, any forward that needs gradients, and tracing (``torch.compile``,
+        ``torch.export``) take the float path. Builds the integer weights on first call.
         """
         if self.integer_kernels and self._act_quantizing() and \
                 self._int_state(self.weight_packed.device) is not None:
@@ -162,6 +163,7 @@ class PackedQuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.integer_kernels and not self.training and self._act_quantizing() \
+                and not torch.compiler.is_compiling() \
                 and int_mm_supported(x.numel() // max(1, x.shape[-1]), self.in_features,
                                      self.out_features, x.device) \
                 and not self._needs_grad(x):
