@@ -1,6 +1,6 @@
 """geta-hf: joint structured pruning and mixed-precision QAT (GETA) for Hugging Face Transformers."""
 
-from .compress import CompressionError, model_stats, report
+from .compress import CompressionError, export_onnx, model_stats, report, use_integer_kernels
 from .config import GETAConfig
 from .graph import QADG, GraphCaptureError, build_qadg
 from .hf import (CheckpointError, DistillationTrainer, GETATrainer, GETATrainingArguments,
@@ -14,6 +14,6 @@ __all__ = [
     "GETAConfig", "prepare_model", "calibrate_activations", "build_qadg", "QADG",
     "GraphCaptureError", "compress_model", "CompressionError", "model_stats", "report",
     "save_compressed", "CheckpointError", "QASSO", "GETATrainer", "GETATrainingArguments",
-    "DistillationTrainer", "distillation_loss",
+    "DistillationTrainer", "distillation_loss", "export_onnx", "use_integer_kernels",
     "__version__",
 ]

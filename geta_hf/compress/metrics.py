@@ -47,8 +47,8 @@ def _numel(shape) -> int:
 
 def _op_macs(func, args, out) -> int:
     pk = getattr(func, "overloadpacket", None)
-    if pk in (aten.mm, aten.addmm):
-        a, b = (args[0], args[1]) if pk is aten.mm else (args[1], args[2])
+    if pk in (aten.mm, aten.addmm, aten._int_mm):  # _int_mm: the integer kernel path
+        a, b = (args[0], args[1]) if pk is not aten.addmm else (args[1], args[2])
         return _numel(a.shape) * int(b.shape[-1])
     if pk in (aten.bmm, aten.baddbmm):
         a, b = (args[0], args[1]) if pk is aten.bmm else (args[1], args[2])

@@ -5,6 +5,11 @@ The dequantized weight ``codes * scale`` equals the fake-quantized weight ``Q(W)
 round(u/d)``, and the code is ``sign(W) round(u/d)``). Codes are stored densely at the layer's
 bit width (``ceil(out * in * bits / 8)`` bytes, see `bitpack.py`); the input quantizer, if any, is
 kept and keeps quantizing the layer input.
+
+In inference (eval mode, no gradients needed) a layer whose weight codes and input codes both fit
+int8 computes ``(k_x @ k_W^T) (d_x d_W) + b`` on an integer GEMM (see `intmm.py`); its weight
+codes are unpacked once to an int8 tensor held in memory, never saved. Everything else, and
+every forward that needs gradients, takes the float path: ``x_q @ (codes * scale)^T + b``.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ from ..quant.functional import EPS, T_MIN
 from ..quant.layers import QuantLayerMixin, carry_over_hooks
 from ..quant.quantizer import GETAQuantizer
 from .bitpack import pack_codes, packed_nbytes, unpack_codes
+from .intmm import (INT8_MAX, IntState, accumulation_fits, int8_linear, int_mm_supported,
+                    max_code, quantizer_scalars)
 
 __all__ = ["PackedQuantLinear", "pack_layer", "bits_for_codes"]
 
@@ -37,6 +44,9 @@ class PackedQuantLinear(nn.Module):
     ``weight_exponent`` (the learned ``q_m`` and ``t``, kept so the layer can become a trainable
     `QuantLinear` again), and an empty ``weight`` guard (see ``__init__``). The weight values are
     ``dequantized_weight()``; in eval mode they are computed once and cached.
+
+    ``kernel`` says which path inference takes (``"int8"`` or ``"float"``);
+    ``integer_kernels = False`` (or :class:`geta_hf.compress.use_integer_kernels`) forces float.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
@@ -59,7 +69,11 @@ class PackedQuantLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
         self.act_quantizer = act_quantizer
         self.compute_dtype = dtype
+        #: use the integer GEMM in inference where the codes allow it (a plain flag, not saved)
+        self.integer_kernels = True
         self._cache: Optional[torch.Tensor] = None
+        self._cache_key: Optional[tuple] = None
+        self._int_cache: Optional[tuple] = None  # (key, (int8 codes, d_x d_W) or None)
 
     # ------------------------------------------------------------------ weights
     def codes(self) -> torch.Tensor:
@@ -74,7 +88,7 @@ class PackedQuantLinear(nn.Module):
             raise ValueError(f"set_codes: expected shape {(self.out_features, self.in_features)}, "
                              f"got {tuple(codes.shape)}")
         self.weight_packed = pack_codes(codes, self.weight_bits).to(self.weight_packed.device)
-        self._cache = None
+        self._drop_caches()
 
     def dequantized_weight(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         dtype = dtype or self.compute_dtype
@@ -82,25 +96,89 @@ class PackedQuantLinear(nn.Module):
 
     def train(self, mode: bool = True):
         if mode:  # training may change the scales; eval() after it rebuilds the cache lazily
-            self._cache = None
+            self._drop_caches()
         return super().train(mode)
 
     def _load_from_state_dict(self, *args, **kwargs):
-        self._cache = None
+        self._drop_caches()
         return super()._load_from_state_dict(*args, **kwargs)
 
     def _apply(self, fn, *args, **kwargs):
-        self._cache = None
+        self._drop_caches()
         return super()._apply(fn, *args, **kwargs)
 
+    def _drop_caches(self) -> None:
+        self._cache = self._cache_key = self._int_cache = None
+
+    def _state_key(self, device: torch.device) -> tuple:
+        """Identity and in-place version of every tensor the caches derive from (no host sync)."""
+        ts = [self.weight_packed, self.weight_scale]
+        aq = self.act_quantizer
+        if aq is not None:
+            ts += [p for p in (aq.d, aq.q_m, aq.t) if p is not None]
+        return (device,) + tuple((id(t), t._version) for t in ts)
+
+    # ------------------------------------------------------------------ integer path
+    def _act_quantizing(self) -> bool:
+        aq = self.act_quantizer
+        return aq is not None and aq.calibrated and aq.enabled
+
+    def _int_state(self, device: torch.device) -> Optional[IntState]:
+        """The integer path's weights and scalars if the codes fit the int8 GEMM, else None.
+
+        Built on first use and whenever a scale or the codes change (host syncs only then).
+        """
+        key = self._state_key(device)
+        if self._int_cache is None or self._int_cache[0] != key:
+            state = None
+            max_w = (1 << (self.weight_bits - 1)) - 1
+            if max_w <= INT8_MAX:
+                max_x = max_code(self.act_quantizer)
+                if max_x <= INT8_MAX and accumulation_fits(self.in_features, max_x, max_w):
+                    d, q_m, t = quantizer_scalars(self.act_quantizer)
+                    scale = float(torch.tensor(d, dtype=torch.float32) * self.weight_scale.float())
+                    w = self.codes().to(device=device, dtype=torch.int8)
+                    state = IntState(w, scale, d, q_m, t)
+            self._int_cache = (key, state)
+        return self._int_cache[1]
+
+    def _needs_grad(self, x: torch.Tensor) -> bool:
+        if not torch.is_grad_enabled():
+            return False
+        if x.requires_grad or (self.bias is not None and self.bias.requires_grad):
+            return True
+        return any(p.requires_grad for p in self.act_quantizer.parameters())
+
+    @property
+    def kernel(self) -> str:
+        """The path inference takes: ``"int8"`` (integer GEMM) or ``"float"``.
+
+        Training, any forward that needs gradients, and tracing (``torch.compile``,
+        ``torch.export``) take the float path. Builds the integer weights on first call.
+        """
+        if self.integer_kernels and self._act_quantizing() and \
+                self._int_state(self.weight_packed.device) is not None:
+            return "int8"
+        return "float"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.integer_kernels and not self.training and self._act_quantizing() \
+                and not torch.compiler.is_compiling() \
+                and int_mm_supported(x.numel() // max(1, x.shape[-1]), self.in_features,
+                                     self.out_features, x.device) \
+                and not self._needs_grad(x):
+            state = self._int_state(x.device)
+            if state is not None:
+                return int8_linear(x, state, self.bias)
         if self.act_quantizer is not None:
             x = self.act_quantizer(x)
         if self.training:
             w = self.dequantized_weight(x.dtype)
         else:  # inference: dequantize once and reuse
-            if self._cache is None or self._cache.dtype != x.dtype or self._cache.device != x.device:
+            key = (x.dtype,) + self._state_key(x.device)
+            if self._cache is None or self._cache_key != key:
                 self._cache = self.dequantized_weight(x.dtype).to(x.device)
+                self._cache_key = key
             w = self._cache
         return F.linear(x, w, self.bias)
 
