@@ -35,12 +35,15 @@ def _outputs(model, inputs):
     return [v for k, v in out.items() if torch.is_tensor(v) and k != "loss"]
 
 
-def _compress_randomly(model, make, seed=0, acts=True):
+def _compress_randomly(model, make, seed=0, acts=True, fixed_bits=None):
+    """Weight bits 3..8 at random (``fixed_bits``: {layer name: bits} overrides), half of every
+    family zeroed, then compressed."""
     cfg = GETAConfig(weight_bits=(3, 8), activation_bits=(6, 8) if acts else None)
     geta_hf.prepare_model(model, cfg, [make(7)] if acts else None)
     g = torch.Generator().manual_seed(seed)
-    for _, m in quant_layers(model):
-        m.weight_quantizer.set_bits(int(torch.randint(3, 9, (), generator=g)))
+    for name, m in quant_layers(model):
+        bits = int(torch.randint(3, 9, (), generator=g))
+        m.weight_quantizer.set_bits((fixed_bits or {}).get(name, bits))
     q = build_qadg(model, make(0))
     ids = []
     for f in q.families:

@@ -19,10 +19,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import geta_hf
-from geta_hf import CheckpointError, GETAConfig, build_qadg
+from geta_hf import CheckpointError
 from geta_hf.hf.integrity import RECORD_KEY
-from geta_hf.quant import quant_layers
 
+from test_checkpoint import _compress_randomly
 from tiny_models import build
 
 SELF = "bert.encoder.layer.0.attention.self"
@@ -31,20 +31,9 @@ OUT = "bert.encoder.layer.0.attention.output.dense"  # 16 of 32 inputs kept
 
 
 def _compress(model, make, seed=0):
-    """Input quantizers (linear), weight bits 3..8 at random, half of every family zeroed."""
-    cfg = GETAConfig(weight_bits=(3, 8), activation_bits=(6, 8))
-    geta_hf.prepare_model(model, cfg, [make(7)])
-    g = torch.Generator().manual_seed(seed)
-    for name, m in quant_layers(model):
-        bits = 4 if name == OUT else int(torch.randint(3, 9, (), generator=g))
-        m.weight_quantizer.set_bits(bits)
-    q = build_qadg(model, make(0))
-    ids = []
-    for f in q.families:
-        ids += (torch.randperm(f.num_units, generator=g)[: f.num_units // 2] + f.offset).tolist()
-    q.zero_groups(model, ids)
-    geta_hf.compress_model(model, q)
-    return cfg
+    """Input quantizers (linear), weight bits 3..8 at random (4 for OUT), half of every family
+    zeroed."""
+    return _compress_randomly(model, make, seed, fixed_bits={OUT: 4})
 
 
 def _load(path):

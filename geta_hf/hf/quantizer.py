@@ -100,13 +100,7 @@ class GETAQuantizationConfig(QuantizationConfigMixin):
         for name, spec in self.layers.items():
             _check_layer(name, spec)
         arch = self.architecture
-        if not isinstance(arch, dict):
-            raise CheckpointError(f"quantization_config.architecture: expected a dict with keys "
-                                  f"{sorted(_ARCH_KEYS)}, got {arch!r}")
-        extra, missing = set(arch) - _ARCH_KEYS, _ARCH_KEYS - set(arch)
-        if extra or missing:
-            raise CheckpointError(f"quantization_config.architecture: unknown {sorted(extra)} / "
-                                  f"missing {sorted(missing)} fields")
+        _check_keys("quantization_config.architecture", arch, _ARCH_KEYS)
         for key in sorted(_ARCH_KEYS):
             if not isinstance(arch[key], dict):
                 raise CheckpointError(f"quantization_config.architecture.{key}: expected a dict, "
@@ -144,6 +138,15 @@ def _is_pos(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
 
 
+def _check_keys(where: str, value: Any, keys, what: str = "a dict") -> None:
+    """``value`` must be a dict with exactly the fields ``keys`` (errors name ``where``)."""
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{where}: got {value!r}; allowed: {what} with keys {sorted(keys)}")
+    extra, missing = set(value) - keys, keys - set(value)
+    if extra or missing:
+        raise CheckpointError(f"{where}: unknown {sorted(extra)} / missing {sorted(missing)} fields")
+
+
 def _check_module_attrs(mname: str, attrs: Any) -> None:
     where = f"quantization_config.architecture.module_attrs[{mname!r}]"
     if not isinstance(attrs, dict):
@@ -159,11 +162,7 @@ def _check_module_attrs(mname: str, attrs: Any) -> None:
 
 def _check_layer(name: str, spec: Any) -> None:
     where = f"quantization_config.layers[{name!r}]"
-    if not isinstance(spec, dict):
-        raise CheckpointError(f"{where}: expected a dict")
-    extra, missing = set(spec) - _LAYER_KEYS, _LAYER_KEYS - set(spec)
-    if extra or missing:
-        raise CheckpointError(f"{where}: unknown {sorted(extra)} / missing {sorted(missing)} fields")
+    _check_keys(where, spec, _LAYER_KEYS)
     for k in ("in_features", "out_features"):
         if not _is_int(spec[k]) or spec[k] < 1:
             raise CheckpointError(f"{where}.{k}: got {spec[k]!r}; allowed: an integer >= 1")
@@ -177,13 +176,7 @@ def _check_layer(name: str, spec: Any) -> None:
             raise CheckpointError(f"{where}.{k}: got {spec[k]!r}; allowed: true or false")
     act = spec["act"]
     if act is not None:
-        if not isinstance(act, dict):
-            raise CheckpointError(f"{where}.act: got {act!r}; allowed: null or a dict with keys "
-                                  f"{sorted(_ACT_KEYS)}")
-        extra, missing = set(act) - _ACT_KEYS, _ACT_KEYS - set(act)
-        if extra or missing:
-            raise CheckpointError(f"{where}.act: unknown {sorted(extra)} / missing {sorted(missing)} "
-                                  "fields")
+        _check_keys(f"{where}.act", act, _ACT_KEYS, what="null or a dict")
         if not _is_int(act["bits"]) or not 2 <= act["bits"] <= 16:
             raise CheckpointError(f"{where}.act.bits: got {act['bits']!r}; allowed: 2..16")
         for k in ("d", "q_m"):
