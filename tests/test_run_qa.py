@@ -15,6 +15,8 @@ import pytest
 import torch
 import transformers as tf
 
+from test_examples import _run_qa_module
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SLICE = os.path.join(ROOT, "..", "shared", "data", "squad-v2-dev-slice.json")
 if not os.path.exists(SLICE):
@@ -31,20 +33,11 @@ TRAIN = ["--do_train", "--max_steps", "8", "--per_device_train_batch_size", "8",
          "--geta_projection_periods", "2", "--geta_pruning_periods", "2"]
 
 
-def _run_qa():
-    sys.path.insert(0, os.path.join(ROOT, "scripts"))
-    try:
-        import run_qa
-    finally:
-        sys.path.pop(0)
-    return run_qa
-
-
 def _main(argv):
     """run_qa.main(argv) -> (result, stdout)."""
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        result = _run_qa().main(argv)
+        result = _run_qa_module().main(argv)
     return result, buf.getvalue()
 
 
