@@ -63,6 +63,15 @@ STAGES = {"warmup": 0.1, "projection": 0.2, "joint": 0.3, "projection_periods": 
           "pruning_periods": 3}
 #: bits removed from the upper bound per projection period (GETA-METHOD §3.2)
 BIT_REDUCTION = 2
+#: named departures from ``STAGES`` / ``KD`` for choosing hyper-parameters (``--variant``, run on
+#: ``--split dev``): a variant names the runs it changes (a suffix of the setting's tag) instead of
+#: entering the fingerprint, so the dense runs and unaffected arms are shared with the default
+VARIANTS = {
+    # stage fractions (warm-up, projection, joint; cool-down takes the rest)
+    "late": {"warmup": 0.2, "projection": 0.2, "joint": 0.2},
+    "kd0.8": {"kd_weight": 0.8},
+    "late-kd0.8": {"warmup": 0.2, "projection": 0.2, "joint": 0.2, "kd_weight": 0.8},
+}
 
 _T0 = time.perf_counter()
 
@@ -104,6 +113,17 @@ class Setting:
     act_bits: Optional[Tuple[int, int]] = None
     #: GETA's ``target_relative_bops`` (None: the rounded learned bits)
     bops: Optional[float] = None
+    #: a key of ``VARIANTS`` ("": the study's defaults)
+    variant: str = ""
+
+    def __post_init__(self) -> None:
+        if self.variant and self.variant not in VARIANTS:
+            raise SystemExit(f"unknown variant {self.variant!r}; choose among {sorted(VARIANTS)}")
+
+    @property
+    def overrides(self) -> Dict[str, float]:
+        """The variant's departures from ``STAGES`` / ``KD``."""
+        return dict(VARIANTS.get(self.variant, {}))
 
     @property
     def tag(self) -> str:
@@ -117,6 +137,8 @@ class Setting:
             parts.append("a{}-{}".format(*self.act_bits))
         if self.bops is not None:
             parts.append(f"B{self.bops:g}")
+        if self.variant:
+            parts.append(f"v{self.variant}")
         return "-".join(parts) or "fp32"
 
     @property
@@ -128,6 +150,8 @@ class Setting:
             out += " a[{},{}]".format(*self.act_bits)
         if self.bops is not None:
             out += f" BOPs<={self.bops:g}"
+        if self.variant:
+            out += f" [variant {self.variant}]"
         return out
 
     def geta_config(self, **overrides):
@@ -141,10 +165,11 @@ class Setting:
 
         lo, hi = self.weight_bits or (4, 16)
         start = min(16, hi + (STAGES["projection_periods"] - 1) * BIT_REDUCTION)
+        stages = {**STAGES, **{k: v for k, v in self.overrides.items() if k in STAGES}}
         kw = dict(target_group_sparsity=self.sparsity, weight_bits=(lo, start),
                   activation_bits=tuple(self.act_bits) if self.act_bits else None,
-                  bit_reduction=BIT_REDUCTION, warmup=STAGES["warmup"],
-                  projection=STAGES["projection"], joint=STAGES["joint"],
+                  bit_reduction=BIT_REDUCTION, warmup=stages["warmup"],
+                  projection=stages["projection"], joint=stages["joint"],
                   projection_periods=STAGES["projection_periods"],
                   pruning_periods=STAGES["pruning_periods"], target_relative_bops=self.bops)
         kw.update(overrides)
@@ -166,7 +191,8 @@ class Run:
             return "dense"
         if self.method.startswith("sequential"):
             kd = "-kd" if self.method.endswith("_kd") else ""
-            return f"sequential{kd}-s{self.setting.sparsity:g}"
+            v = f"-v{self.setting.variant}" if self.setting.variant else ""
+            return f"sequential{kd}-s{self.setting.sparsity:g}{v}"
         return f"{self.method.replace('_', '-')}-{self.setting.tag}"
 
 
@@ -190,10 +216,20 @@ def plan_runs(methods: Sequence[str], geta_settings: Sequence[Setting]) -> List[
             runs.append(Run("prune", Setting(s)))
     for method in ("sequential", "sequential_kd"):
         if method in methods:
-            for s in dict.fromkeys(s.sparsity for s in geta_settings):
-                runs.append(Run(method, Setting(s),
-                                ptq=tuple(g for g in geta_settings if g.sparsity == s)))
+            for s, v in dict.fromkeys((s.sparsity, _sequential_variant(method, s.variant))
+                                      for s in geta_settings):
+                runs.append(Run(method, Setting(s, variant=v),
+                                ptq=tuple(g for g in geta_settings if g.sparsity == s and
+                                          _sequential_variant(method, g.variant) == v)))
     return runs
+
+
+def _sequential_variant(method: str, variant: str) -> str:
+    """The variant a sequential run takes from a GETA setting: only the distillation weight
+    changes it (stages do not apply), and only for ``sequential_kd``."""
+    if method == "sequential_kd" and "kd_weight" in VARIANTS.get(variant, {}):
+        return variant
+    return ""
 
 
 @dataclass
@@ -441,6 +477,7 @@ def _row(run: Run, key: str, label: str, setting: Setting, measured: Dict[str, A
             "weight_bits": list(setting.weight_bits) if setting.weight_bits else None,
             "act_bits": list(setting.act_bits) if setting.act_bits else None,
             "bops_target": setting.bops,
+            **({"variant": setting.variant} if setting.variant else {}),
             "note": note, **measured}
 
 
@@ -465,13 +502,14 @@ class Runner:
     def final_path(self) -> str:
         return self._out("dense-final.safetensors")
 
-    def _teacher(self) -> Dict[str, Any]:
+    def _teacher(self, setting: Setting) -> Dict[str, Any]:
         """Trainer keyword arguments of distillation from this seed's dense model."""
         if not os.path.exists(self.final_path):
             self.run(Run("dense", Setting()), rerun=True)
         teacher = self.task.fresh_model(self.seed)
         load_snapshot(teacher, self.final_path)
-        return {"teacher_model": teacher, "distillation_weight": KD["weight"],
+        weight = setting.overrides.get("kd_weight", KD["weight"])
+        return {"teacher_model": teacher, "distillation_weight": weight,
                 "distillation_temperature": KD["temperature"]}
 
     def run(self, run: Run, rerun: bool = False) -> Dict[str, Any]:
@@ -486,6 +524,8 @@ class Runner:
         rec = {"study": self.task.study, "dataset": self.task.dataset, "seed": self.seed,
                "run": run.name, "method": run.method, "rows": rows,
                "seconds": time.perf_counter() - t0, "data": dict(self.task.sizes), **extra}
+        if run.setting.variant:
+            rec["variant"] = {"name": run.setting.variant, **run.setting.overrides}
         self.store.save(self.task, self.hp, rec)
         for r in rows:
             log(f"  {r['label']}: " + ", ".join(f"{k} {v:.2f}" for k, v in r["metrics"].items())
@@ -530,7 +570,7 @@ class Runner:
         cfg = run.setting.geta_config()
         args = training_args(geta_hf.GETATrainingArguments, self._out(run.name), self.hp,
                              self.hp.steps, self.seed)
-        kd = self._teacher() if run.method.endswith("_kd") else {}
+        kd = self._teacher(run.setting) if run.method.endswith("_kd") else {}
         model = self.task.fresh_model(self.seed)
         trainer, secs = train(model, self.task, args, trainer_cls=geta_hf.GETATrainer,
                               geta_config=cfg, example_inputs=self.task.example_inputs(), **kd)
@@ -588,13 +628,15 @@ class Runner:
         args = training_args(transformers.TrainingArguments, self._out(run.name), self.hp, steps,
                              self.seed, data_seed=self.seed + 1)
         kd = run.method.endswith("_kd")
-        extra_kw = dict(trainer_cls=geta_hf.DistillationTrainer, **self._teacher()) if kd else {}
+        extra_kw = (dict(trainer_cls=geta_hf.DistillationTrainer, **self._teacher(run.setting))
+                    if kd else {})
         _, secs = train(model, self.task, args, callbacks=[KeepUnitsZero(qadg, model, units)],
                         **extra_kw)
         save_snapshot(model, self._out(f"{run.name}-ft.safetensors"))  # for later PTQ targets
         tag = "-kd" if kd else ""
         m = self._measure_compressed(copy.deepcopy(model), qadg)
-        rows = [_row(run, f"magprune{tag}-s{s:g}", "magnitude pruning + fine-tuning (fp32)"
+        v = f"-v{run.setting.variant}" if run.setting.variant else ""
+        rows = [_row(run, f"magprune{tag}-s{s:g}{v}", "magnitude pruning + fine-tuning (fp32)"
                      + (" + KD" if kd else ""), run.setting, m,
                      note="sequential before quantization")]
         ptq_rows, used_bits = self._ptq_rows(run, model, qadg, run.ptq)

@@ -34,6 +34,7 @@ def aggregate(records: Sequence[Mapping[str, Any]], metrics: Sequence[str]) -> D
         summary = {k: first[k] for k in ("key", "method", "label", "sparsity", "weight_bits",
                                          "act_bits", "note")}
         summary["bops_target"] = first.get("bops_target")
+        summary["variant"] = first.get("variant", "")
         summary["seeds"] = sorted(s for s, _, _ in items)
         summary["train_seconds"] = _mean([r.get("train_seconds", 0.0) for _, _, r in items])
         for name in numeric:
@@ -84,6 +85,8 @@ def table(rows: Sequence[Mapping[str, Any]], metrics: Sequence[str], metric_titl
                 target += ", a [{},{}]".format(*r["act_bits"])
             if r.get("bops_target") is not None:
                 target += f", BOPs <= {r['bops_target']:g}"
+        if r.get("variant"):
+            target += f" [variant {r['variant']}]"
         cells = [r["label"], sp, target, _bits_cell(r)]
         cells += [fmt_stat(r["metrics"][m]) for m in metrics]
         cells += [fmt_stat(r["relative_bops"], 4), f"{r['params']['mean'] / 1e6:.2f}M",
@@ -100,7 +103,8 @@ def _better(a: float, b: float, higher: bool) -> bool:
 
 def _setting_of(row: Mapping[str, Any]) -> Setting:
     return Setting(row["sparsity"], tuple(row["weight_bits"]) if row["weight_bits"] else None,
-                   tuple(row["act_bits"]) if row["act_bits"] else None, row.get("bops_target"))
+                   tuple(row["act_bits"]) if row["act_bits"] else None, row.get("bops_target"),
+                   row.get("variant", ""))
 
 
 def verdict(rows: Sequence[Mapping[str, Any]], metric: str, title: str, higher: bool) -> List[str]:

@@ -22,6 +22,7 @@ the finished runs (``--rerun`` forces them) and re-renders the page from all of 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -161,6 +162,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--settings", default=",".join(s.tag for s in DEFAULT_SETTINGS),
                    help="comma-separated GETA settings to run, among "
                         + ",".join(s.tag for s in GETA_SETTINGS))
+    p.add_argument("--variant", default="", choices=[""] + sorted(sc.VARIANTS),
+                   help="run the settings with a named departure from the default stages / "
+                        "distillation weight (for choosing them on --split dev); the runs it "
+                        "changes are named after it")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--max-length", type=int, default=128)
@@ -248,7 +253,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     if unknown:
         raise SystemExit(f"unknown setting(s) {unknown}; choose among "
                          f"{[s.tag for s in GETA_SETTINGS]}")
-    runs = sc.plan_runs(sc.csv_list(args.methods), [s for s in GETA_SETTINGS if s.tag in wanted])
+    settings = [dataclasses.replace(s, variant=args.variant) for s in GETA_SETTINGS
+                if s.tag in wanted]
+    runs = sc.plan_runs(sc.csv_list(args.methods), settings)
     seeds = [int(s) for s in sc.csv_list(args.seeds)]
     for dataset in sc.csv_list(args.datasets):
         if dataset not in DATASETS:

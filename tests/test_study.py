@@ -140,3 +140,41 @@ def test_study_qa_budget_setting_tops_up_the_sequential_run(tmp_path):
     assert geta["geta_config"]["target_relative_bops"] == 0.2
     _check_sequential_used_geta_bits(records)
     assert stdout.count("stored result reused") == 3  # dense, geta s0.5-w4-8, sequential
+
+
+def test_study_qa_variant_shares_the_default_runs(tmp_path):
+    """A stage variant (for choosing stages on --split dev) reuses the dense and sequential runs
+    (it does not change them), runs GETA under its own name with its stages, and the sequential
+    run gets PTQ rows at the variant's learned bits."""
+    base = ("--methods", "dense,geta_kd,sequential_kd", "--settings", "s0.5-w4-8-B0.2")
+    _run("study_qa.py", tmp_path, *base)
+    stdout = _run("study_qa.py", tmp_path, *base, "--variant", "late")
+    assert stdout.count("stored result reused") == 2  # dense, sequential_kd
+    assert "adding PTQ rows for ['s0.5-w4-8-B0.2-vlate']" in stdout
+    records = _records(tmp_path, "qa")
+    geta = next(r for r in records if r["run"] == "geta-kd-s0.5-w4-8-B0.2-vlate")
+    assert geta["variant"] == {"name": "late", "warmup": 0.2, "projection": 0.2, "joint": 0.2}
+    assert (geta["geta_config"]["warmup"], geta["geta_config"]["joint"]) == (0.2, 0.2)
+    default = next(r for r in records if r["run"] == "geta-kd-s0.5-w4-8-B0.2")
+    assert (default["geta_config"]["warmup"], default["geta_config"]["joint"]) == (0.1, 0.3)
+    assert {"seq-kd-s0.5-w4-8-B0.2-vlate-mse", "seq-kd-s0.5-w4-8-B0.2-mse"} <= set(_rows(records))
+    _check_sequential_used_geta_bits(records)
+    page = (tmp_path / "results_qa.md").read_text()
+    assert "[variant late]" in page
+
+
+def test_study_variant_with_a_distillation_weight_names_its_sequential_run():
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    try:
+        import _study_common as sc
+    finally:
+        sys.path.pop(0)
+    settings = [sc.Setting(0.5, (4, 8), bops=0.2, variant="kd0.8")]
+    names = [r.name for r in sc.plan_runs(["dense", "geta", "geta_kd", "sequential",
+                                           "sequential_kd"], settings)]
+    # the weight changes the KD arms only: plain sequential is shared with the default
+    assert names == ["dense", "geta-s0.5-w4-8-B0.2-vkd0.8", "geta-kd-s0.5-w4-8-B0.2-vkd0.8",
+                     "sequential-s0.5", "sequential-kd-s0.5-vkd0.8"]
+    assert settings[0].geta_config().warmup == sc.STAGES["warmup"]
+    with __import__("pytest").raises(SystemExit, match="unknown variant"):
+        sc.Setting(0.5, variant="nope")
