@@ -258,3 +258,31 @@ def test_model_stats_count_integer_matmuls():
     with use_integer_kernels(model, False):
         off = geta_hf.model_stats(model, make(1))
     assert on["macs"] == off["macs"] > 0 and on["bops"] == off["bops"]
+
+
+def test_real_minilm_integer_path_matches_float_path(minilm, int_calls):
+    """Real MiniLM-L6 (6 layers, 8-bit inputs, half its units removed): the integer path gives
+    the float path's logits at every position the attention mask keeps."""
+    import copy
+
+    from test_onnx_export import _minilm_batch
+
+    base, tok = minilm
+    model = copy.deepcopy(base)
+    batch = _minilm_batch(tok)
+    geta_hf.prepare_model(model, GETAConfig(weight_bits=(4, 8), activation_bits=(8, 8)), [batch])
+    q = build_qadg(model, batch)
+    g = torch.Generator().manual_seed(1)
+    q.zero_groups(model, [u for f in q.families for u in
+                          (torch.randperm(f.num_units, generator=g)[: f.num_units // 2]
+                           + f.offset).tolist()])
+    geta_hf.compress_model(model, q)
+    model.eval()
+    other = _minilm_batch(tok, n=3, length=40)
+    keep = other["attention_mask"].bool()
+    got = outputs(model, other)
+    assert len(int_calls) == len(packed_layers(model))
+    use_integer_kernels(model, False)
+    ref = outputs(model, other)
+    for a, b in zip(got, ref):
+        assert (a - b).abs()[keep].max().item() <= 1e-3 * b.abs()[keep].max().item()

@@ -4,7 +4,6 @@ import copy
 import os
 from collections import Counter
 
-import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
@@ -146,15 +145,17 @@ def test_real_minilm_export(minilm, tmp_path):
     assert os.path.getsize(tmp_path / "m.onnx") <= 1.2 * os.path.getsize(
         tmp_path / "c" / "model.safetensors")
     other = _minilm_batch(tok, n=2, length=40)
+    keep = other["attention_mask"].bool()  # rows 1 and 2 end in padding
+    assert not keep.all()
     got, ref = run(session(tmp_path / "m.onnx"), other), outputs(model, other)
     for a, b in zip(got, ref):
         assert a.shape == b.shape
-        # Each integer layer matches torch to float rounding, but on a 6-layer real model an
-        # input sitting on a rounding boundary of an 8-bit input quantizer can land one level
-        # apart after a float op computed in a different order (LayerNorm, GELU, softmax), and
-        # the flip propagates; the random QA head makes the logits small (|.| ~ 0.3).
-        assert (a - b).abs().max().item() <= 0.1 * b.abs().max().item()
-        assert np.corrcoef(a.flatten().numpy(), b.flatten().numpy())[0, 1] > 0.99
+        # Every position the attention mask keeps matches to float rounding (5e-7 measured):
+        # the input codes agree there, so the integer accumulations are identical. Padding
+        # positions (which no QA post-processing reads) are left out: their hidden states are
+        # degenerate and an input code can flip there, also between torch's own int and float
+        # paths.
+        assert (a - b).abs()[keep].max().item() <= 1e-3 * b.abs()[keep].max().item()
 
 
 def test_large_models_write_their_weights_beside_the_file(tmp_path, monkeypatch):
