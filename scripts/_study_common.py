@@ -71,6 +71,10 @@ VARIANTS = {
     "late": {"warmup": 0.2, "projection": 0.2, "joint": 0.2},
     "kd0.8": {"kd_weight": 0.8},
     "late-kd0.8": {"warmup": 0.2, "projection": 0.2, "joint": 0.2, "kd_weight": 0.8},
+    # unit saliency: the sequential baseline's criterion (RMS magnitude per parameter) alone
+    "sal-mag": {"importance_weights": {"avg_magnitude": 1.0}},
+    # more, shorter pruning periods (smaller steps of units removed at once)
+    "periods6": {"pruning_periods": 6},
 }
 
 _T0 = time.perf_counter()
@@ -170,8 +174,10 @@ class Setting:
                   activation_bits=tuple(self.act_bits) if self.act_bits else None,
                   bit_reduction=BIT_REDUCTION, warmup=stages["warmup"],
                   projection=stages["projection"], joint=stages["joint"],
-                  projection_periods=STAGES["projection_periods"],
-                  pruning_periods=STAGES["pruning_periods"], target_relative_bops=self.bops)
+                  projection_periods=stages["projection_periods"],
+                  pruning_periods=stages["pruning_periods"], target_relative_bops=self.bops)
+        if "importance_weights" in self.overrides:
+            kw["importance_weights"] = self.overrides["importance_weights"]
         kw.update(overrides)
         return GETAConfig(**kw)
 
