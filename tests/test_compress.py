@@ -203,15 +203,15 @@ def test_verification_catches_a_broken_forward():
         block.attn.split_size_hidden = block.attn.split_size
         block.attn.forward_orig = block.attn.forward
 
-    import geta_hf.compress.subnet as subnet
+    from geta_hf import registry
 
-    names = subnet._SIZE_NAMES
-    subnet._SIZE_NAMES = tuple(n for n in names if n != "split_size")
+    names = registry._SHAPE_ATTRS["size"]
+    registry._SHAPE_ATTRS["size"] = tuple(n for n in names if n != "split_size")
     try:
         with pytest.raises(CompressionError, match="no longer runs|differs"):
             compress_model(model, q)
     finally:
-        subnet._SIZE_NAMES = names
+        registry._SHAPE_ATTRS["size"] = names
 
 
 # ----------------------------------------------------------------------------- metrics

@@ -8,7 +8,8 @@ from torch import nn
 
 import geta_hf
 from geta_hf import GETAConfig
-from geta_hf.quant import (QuantConv1D, QuantLinear, bit_width, calibrate_activations, d_for_bits,
+from geta_hf.hf import QuantConv1D
+from geta_hf.quant import (QuantLinear, bit_width, calibrate_activations, d_for_bits,
                            fake_quantize, quant_layers, quantization_bypassed)
 
 from tiny_models import build

@@ -253,15 +253,15 @@ def test_failed_verification_restores_the_trained_model():
     with torch.no_grad():
         out = model(**inputs).logits
     ref = _fingerprint(model)
-    import geta_hf.compress.subnet as subnet
+    from geta_hf import registry
 
-    names = subnet._SIZE_NAMES  # simulate modeling code reading an attribute geta-hf misses
-    subnet._SIZE_NAMES = tuple(n for n in names if n != "split_size")
+    names = registry._SHAPE_ATTRS["size"]  # simulate modeling code reading an attribute
+    registry._SHAPE_ATTRS["size"] = tuple(n for n in names if n != "split_size")  # we miss
     try:
         with pytest.raises(CompressionError, match="left as it was before compress_model"):
             geta_hf.compress_model(model, qadg)
     finally:
-        subnet._SIZE_NAMES = names
+        registry._SHAPE_ATTRS["size"] = names
     _assert_restored(model, ref)
     with torch.no_grad():
         assert torch.equal(model(**inputs).logits, out)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..graph.qadg import QADG
+from ..registry import linear_type_of
 from .metrics import layer_bits, model_stats
 
 __all__ = ["BopsEstimator"]
@@ -41,7 +42,8 @@ class BopsEstimator:
             fams: List[int] = []
             if r["kind"] == "linear" and mod is not None:
                 w = r["name"] + ".weight"
-                out_dim = getattr(mod, "weight_out_dim", 1 if hasattr(mod, "nf") else 0)
+                kind = linear_type_of(mod)
+                out_dim = kind.weight_out_dim if kind is not None else 0
                 in_dim = 1 - out_dim
                 for key, table in (((w, out_dim), out_of), ((w, in_dim), in_of)):
                     if key in table:

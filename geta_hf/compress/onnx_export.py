@@ -19,7 +19,6 @@ The export uses ``torch.onnx.export(..., dynamo=True)`` (it needs the ``onnx`` a
 from __future__ import annotations
 
 import contextlib
-import inspect
 import os
 import shutil
 import tempfile
@@ -31,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..quant.functional import EPS, T_MIN
+from ..registry import forward_defaults
 from .packed import PackedQuantLinear
 
 __all__ = ["export_onnx", "OnnxExportError"]
@@ -172,13 +172,6 @@ def _split_inputs(example_inputs: Any) -> Tuple[Dict[str, torch.Tensor], Dict[st
     return tensors, constants
 
 
-def _forward_params(model: nn.Module):
-    try:
-        return inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return {}
-
-
 def _dynamic_shapes(tensors: Mapping[str, torch.Tensor]):
     """Batch (dim 0) for every input; sequence (dim 1) for 2-D integer inputs (token ids, masks)."""
     batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
@@ -229,9 +222,10 @@ def export_onnx(model: nn.Module, path: str | os.PathLike,
                 example_inputs: Mapping[str, Any]) -> Dict[str, str]:
     """Write ``model`` (compressed by :func:`geta_hf.compress_model`) to the ONNX file ``path``.
 
-    ``example_inputs`` are keyword arguments for the model (a tokenizer's output, plus constants
-    such as ``use_cache=False``); every tensor becomes a graph input with a dynamic batch axis,
-    and 2-D integer inputs (token ids, masks) also a dynamic sequence axis. The graph outputs are
+    ``example_inputs`` are keyword arguments for the model (a tokenizer's output, plus constants;
+    the forward defaults registered with :func:`geta_hf.registry.register_forward_default` are
+    added, e.g. the HF integration's KV-cache switch); every tensor becomes a graph input with a
+    dynamic batch axis, and 2-D integer inputs (token ids, masks) also a dynamic sequence axis. The graph outputs are
     the tensors of the model's output, named as there (``start_logits``, ``logits``, ...).
     Quantized layers are written from their integer codes (see the module docstring). Models
     whose tensors exceed ~1.8 GB put them in ``<path>.data`` beside the file.
@@ -251,8 +245,8 @@ def export_onnx(model: nn.Module, path: str | os.PathLike,
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"export_onnx: folder {folder!r} does not exist")
     tensors, constants = _split_inputs(example_inputs)
-    if "use_cache" in _forward_params(model) and "use_cache" not in constants:
-        constants["use_cache"] = False  # no KV-cache outputs: one forward over the whole sequence
+    # registered defaults (transformers: no KV-cache outputs, one forward over the sequence)
+    constants.update(forward_defaults(model, {**tensors, **constants}))
     nbytes = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
     external = nbytes > _PROTO_LIMIT
     side = path + ".data"

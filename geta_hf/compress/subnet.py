@@ -21,23 +21,17 @@ from torch import nn
 from ..graph.qadg import QADG, Family
 from ..quant.layers import QuantLayerMixin
 from ..quant.prepare import input_quantizers_disabled
+from ..registry import linear_type_of, shape_attributes
 from .packed import pack_layer
 
-__all__ = ["compress_model", "CompressionError", "ARCH_ATTR", "apply_module_attrs"]
+__all__ = ["compress_model", "CompressionError", "ARCH_ATTR", "apply_module_attrs",
+           "sync_shape_attrs"]
 
 logger = logging.getLogger(__name__)
 
 #: attribute of a compressed model holding its per-layer architecture (JSON-serialisable)
 ARCH_ATTR = "geta_arch"
 
-# Naming conventions for head counts and head-derived sizes on attention modules (and on their
-# own `config`, which some modeling code reads in forward). Only attributes with one of these
-# names AND the old value are changed, and the result is verified by running the model.
-_QUERY_HEAD_NAMES = ("num_heads", "num_attention_heads", "n_heads", "n_head")
-_KV_HEAD_NAMES = ("num_key_value_heads", "num_kv_heads", "n_kv_heads", "n_kv_head")
-_SIZE_NAMES = ("all_head_size", "inner_dim", "split_size", "q_size", "kv_size")
-# query heads per kv head (GQA/MQA): changes when query heads are pruned under shared kv heads
-_GROUP_NAMES = ("num_key_value_groups",)
 
 
 class CompressionError(RuntimeError):
@@ -100,18 +94,25 @@ def _owners(model: nn.Module) -> Dict[int, List[Tuple[nn.Module, str]]]:
     return out
 
 
-def _sync_shape_attrs(mod: nn.Module, journal: "_Journal") -> None:
+def sync_shape_attrs(mod: nn.Module, journal: Optional["_Journal"] = None) -> None:
+    """Set a resized layer's size attributes from its weight (a registered linear type's
+    in/out attributes, ``nn.Embedding``'s sizes); through ``journal`` when given (undoable)."""
     w = getattr(mod, "weight", None)
-    if isinstance(mod, nn.Linear) and isinstance(w, torch.Tensor):
-        pairs = (("out_features", w.shape[0]), ("in_features", w.shape[1]))
+    kind = linear_type_of(mod)
+    if not isinstance(w, torch.Tensor) or w.dim() != 2:
+        return
+    if kind is not None:
+        n_in, n_out = kind.io(w.shape)
+        pairs = ((kind.out_attr, n_out), (kind.in_attr, n_in))
     elif isinstance(mod, nn.Embedding):
         pairs = (("num_embeddings", w.shape[0]), ("embedding_dim", w.shape[1]))
-    elif hasattr(mod, "nf") and hasattr(mod, "nx") and isinstance(w, torch.Tensor) and w.dim() == 2:
-        pairs = (("nx", w.shape[0]), ("nf", w.shape[1]))  # GPT-2 Conv1D: (in, out)
     else:
         return
     for name, value in pairs:
-        journal.set(mod, name, int(value))
+        if journal is not None:
+            journal.set(mod, name, int(value))
+        else:
+            setattr(mod, name, int(value))
 
 
 def _attention_modules(model: nn.Module, f: Family) -> List[Tuple[str, nn.Module]]:
@@ -146,8 +147,7 @@ def _head_updates(f: Family, kept: int) -> Dict[int, int]:
 
 def _update_attrs(obj: Any, updates: Dict[str, Dict[int, int]], changed: Dict[str, int],
                   journal: Optional["_Journal"] = None) -> None:
-    for kind, names in (("query", _QUERY_HEAD_NAMES), ("kv", _KV_HEAD_NAMES), ("size", _SIZE_NAMES),
-                        ("groups", _GROUP_NAMES)):
+    for kind, names in shape_attributes().items():
         for name in names:
             v = getattr(obj, name, None)
             if isinstance(v, int) and not isinstance(v, bool) and v in updates[kind]:
@@ -278,7 +278,7 @@ def _compress(model: nn.Module, qadg: QADG, params: Dict[str, nn.Parameter], pac
             if mod not in touched:
                 touched.append(mod)
     for mod in touched:
-        _sync_shape_attrs(mod, journal)
+        sync_shape_attrs(mod, journal)
     packed_layers = {}
     if pack:
         for name, mod in list(model.named_modules()):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from typing import Dict, Mapping
 
@@ -10,6 +9,7 @@ import torch
 from torch import nn
 
 from ..quant.prepare import quantization_bypassed
+from ..registry import forward_defaults
 
 __all__ = ["GraphCaptureError", "CapturedGraph", "capture_graph"]
 
@@ -27,28 +27,20 @@ class CapturedGraph:
     non_param_inputs: Dict[str, str]
 
 
-def _forward_params(model: nn.Module):
-    try:
-        return inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return {}
-
-
 def capture_graph(model: nn.Module, example_inputs: Mapping[str, torch.Tensor]) -> CapturedGraph:
     """Export ``model`` on ``example_inputs`` (a dict of keyword inputs) in eval mode.
 
     Quantized layers compute in full precision during capture, so the graph, and hence the
     pruning groups, are the same whether or not :func:`geta_hf.prepare_model` was applied.
-    Causal LMs get ``use_cache=False`` unless the caller set it.
+    The forward defaults registered with :func:`geta_hf.registry.register_forward_default` are
+    passed unless the caller set them (the HF integration turns the KV cache off).
     """
     if not isinstance(example_inputs, Mapping):
         raise GraphCaptureError(
             "build_qadg: example_inputs must be a dict of keyword inputs (e.g. one collated batch: "
             f"{{'input_ids': ..., 'attention_mask': ...}}), got {type(example_inputs).__name__}")
     kwargs = dict(example_inputs)
-    params = _forward_params(model)
-    if "use_cache" in params and "use_cache" not in kwargs:
-        kwargs["use_cache"] = False
+    kwargs.update(forward_defaults(model, kwargs))
     was_training = model.training
     model.eval()
     try:
@@ -58,8 +50,8 @@ def capture_graph(model: nn.Module, example_inputs: Mapping[str, torch.Tensor]) 
         raise GraphCaptureError(
             f"build_qadg: torch.export could not capture {type(model).__name__} "
             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Check that the "
-            "example inputs run through model(**example_inputs); for causal LMs pass "
-            "use_cache=False. The pruning search space is derived from this graph.") from e
+            "example inputs run through model(**example_inputs) (a model with a KV cache: "
+            "turn it off). The pruning search space is derived from this graph.") from e
     finally:
         model.train(was_training)
     canonical = {}

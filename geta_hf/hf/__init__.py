@@ -1,5 +1,9 @@
 """Hugging Face integration: the registered ``geta`` quantization method and checkpoint I/O."""
 
+from .layers import QuantConv1D, register_transformers_specifics
+
+register_transformers_specifics()  # before anything below prepares or compresses a model
+
 from .quantizer import (CheckpointError, GETAHfQuantizer, GETAQuantizationConfig,
                         quantization_config_from_model, register)
 from .args import GETATrainingArguments
@@ -13,7 +17,7 @@ from .trainer import GETACallback, GETATrainer
 
 register()
 
-__all__ = ["GETAQuantizationConfig", "GETAHfQuantizer", "CheckpointError", "register",
+__all__ = ["QuantConv1D", "register_transformers_specifics", "GETAQuantizationConfig", "GETAHfQuantizer", "CheckpointError", "register",
            "save_compressed", "compress_model", "attach_quantization_config", "model_card",
            "quantization_config_from_model", "GETATrainer", "GETATrainingArguments",
            "GETACallback", "IncompleteCheckpointError", "ResumeStateError", "SaveRollbackError",

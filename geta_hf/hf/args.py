@@ -85,7 +85,7 @@ class GETATrainingArguments(TrainingArguments):
     geta_group_divisible: int = field(default=1, metadata={
         "help": "Keep a multiple of this many units per family (hardware-friendly widths)."})
     geta_include_modules: Optional[List[str]] = field(default=None, metadata={
-        "help": "Glob patterns of module names to quantize (default: every Linear/Conv1D)."})
+        "help": "Glob patterns of module names to quantize (default: every linear layer: nn.Linear, GPT-2's Conv1D)."})
     geta_exclude_modules: Optional[List[str]] = field(default=None, metadata={
         "help": "Glob patterns of module names never quantized."})
     geta_unprunable_modules: Optional[List[str]] = field(default=None, metadata={

@@ -34,6 +34,7 @@ from safetensors import safe_open
 from torch import nn
 
 from ..compress.bitpack import find_code, packed_nbytes
+from ..registry import linear_type_of
 from .quantizer import CheckpointError, GETAQuantizationConfig
 
 __all__ = ["RECORD_KEY", "checkpoint_record", "validate_checkpoint"]
@@ -80,15 +81,12 @@ class _Want:
 
 
 def _dense_io(mod: nn.Module) -> Optional[Tuple[int, int]]:
-    """(in, out) of a dense linear layer (``nn.Linear`` or GPT-2's ``Conv1D``), else None."""
+    """(in, out) of a dense linear layer (a registered linear type), else None."""
     w = getattr(mod, "weight", None)
-    if not isinstance(w, torch.Tensor) or w.dim() != 2:
+    kind = linear_type_of(mod)
+    if kind is None or not isinstance(w, torch.Tensor) or w.dim() != 2:
         return None
-    if isinstance(mod, nn.Linear):
-        return int(w.shape[1]), int(w.shape[0])
-    if hasattr(mod, "nf") and hasattr(mod, "nx"):
-        return int(w.shape[0]), int(w.shape[1])
-    return None
+    return kind.io(w.shape)
 
 
 def _check_names(model: nn.Module, qcfg: GETAQuantizationConfig) -> None:

@@ -30,9 +30,9 @@ from transformers.quantizers import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..compress.packed import PackedQuantLinear
-from ..compress.subnet import (_GROUP_NAMES, _KV_HEAD_NAMES, _QUERY_HEAD_NAMES, _SIZE_NAMES,
-                               ARCH_ATTR, apply_module_attrs)
+from ..compress.subnet import ARCH_ATTR, apply_module_attrs, sync_shape_attrs
 from ..quant.quantizer import GETAQuantizer
+from ..registry import shape_attribute_names
 
 __all__ = ["GETAQuantizationConfig", "GETAHfQuantizer", "FORMAT_VERSION", "register",
            "quantization_config_from_model", "CheckpointError"]
@@ -53,9 +53,6 @@ _LAYER_KEYS = {"in_features", "out_features", "bias", "weight_bits", "weight_sca
                "weight_clip", "weight_exponent", "nonlinear", "act"}
 _ACT_KEYS = {"bits", "d", "q_m", "t"}
 _ARCH_KEYS = {"families", "param_shapes", "module_attrs"}
-#: the only module attributes a checkpoint may set (head counts and head-derived sizes that
-#: `compress_model` changes), directly or on the module's own ``config`` ("config.<name>")
-SHAPE_ATTRS = frozenset(_QUERY_HEAD_NAMES + _KV_HEAD_NAMES + _SIZE_NAMES + _GROUP_NAMES)
 
 
 class CheckpointError(ValueError):
@@ -151,11 +148,14 @@ def _check_module_attrs(mname: str, attrs: Any) -> None:
     where = f"quantization_config.architecture.module_attrs[{mname!r}]"
     if not isinstance(attrs, dict):
         raise CheckpointError(f"{where}: expected a dict of attribute values")
+    # the only attributes a checkpoint may set: the registered head counts and head-derived
+    # sizes that `compress_model` changes, directly or on the module's own ``config``
+    allowed = shape_attribute_names()
     for key, value in attrs.items():
         attr = key[len("config."):] if key.startswith("config.") else key
-        if attr not in SHAPE_ATTRS:
+        if attr not in allowed:
             raise CheckpointError(f"{where}[{key!r}]: not a shape attribute geta-hf sets; allowed: "
-                                  f"{sorted(SHAPE_ATTRS)} (or 'config.<name>' of one)")
+                                  f"{sorted(allowed)} (or 'config.<name>' of one)")
         if not _is_int(value) or value < 1:
             raise CheckpointError(f"{where}[{key!r}]: got {value!r}; allowed: an integer >= 1")
 
@@ -246,13 +246,7 @@ def _resize_parameters(model: nn.Module, shapes: Mapping[str, list]) -> None:
                            requires_grad=p.requires_grad)
         for mod, leaf in owners[id(p)]:
             setattr(mod, leaf, new)
-            w = getattr(mod, "weight", None)
-            if isinstance(mod, nn.Linear):
-                mod.out_features, mod.in_features = int(w.shape[0]), int(w.shape[1])
-            elif isinstance(mod, nn.Embedding):
-                mod.num_embeddings, mod.embedding_dim = int(w.shape[0]), int(w.shape[1])
-            elif hasattr(mod, "nf") and hasattr(mod, "nx") and w is not None and w.dim() == 2:
-                mod.nx, mod.nf = int(w.shape[0]), int(w.shape[1])
+            sync_shape_attrs(mod)
 
 
 def _packed_skeleton(spec: Mapping[str, Any], dtype, device) -> PackedQuantLinear:

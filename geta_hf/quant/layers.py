@@ -1,4 +1,5 @@
-"""Quantized drop-in layers: `QuantLinear` (an ``nn.Linear``) and `QuantConv1D` (GPT-2's Conv1D).
+"""Quantized drop-in layers: `QuantLinear` (an ``nn.Linear``) and the mixin other layer types
+use (GPT-2's ``Conv1D`` is registered by the HF integration, :mod:`geta_hf.hf.layers`).
 
 Each keeps its ``weight``/``bias`` parameters under the usual names (so state dicts, tied-weight
 checks and optimizers see the same tensors) and adds ``weight_quantizer`` and, optionally,
@@ -13,10 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..registry import register_linear_type
 from .quantizer import GETAQuantizer
 
-__all__ = ["QuantLayerMixin", "QuantLinear", "QuantConv1D", "is_quant_layer", "quant_layers",
-           "carry_over_hooks"]
+__all__ = ["QuantLayerMixin", "QuantLinear", "is_quant_layer", "quant_layers", "carry_over_hooks"]
 
 # torch's per-module hook registries. A layer swapped for its quantized (or packed) form takes
 # them over, so hooks the user registered keep firing and their handles keep working.
@@ -36,7 +37,7 @@ class QuantLayerMixin:
     """Shared quantizer plumbing of the quantized layers.
 
     ``weight_out_dim`` is the weight dimension that indexes output features (0 for ``nn.Linear``,
-    1 for ``Conv1D``).
+    1 for a layer storing its weight ``(in, out)``).
     """
 
     weight_out_dim: int = 0
@@ -54,6 +55,21 @@ class QuantLayerMixin:
         else:
             self.act_quantizer = None
         self.quant_bypass = False
+
+    @classmethod
+    def wrap(cls, layer: nn.Module, size_attrs, *, nonlinear: bool, quantize_input: bool):
+        """A layer of this class sharing ``layer``'s parameter objects (``weight``, ``bias``),
+        size attributes, training mode and hooks; for ``from_float`` constructors."""
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        for name in size_attrs:
+            setattr(new, name, getattr(layer, name))
+        new.weight = layer.weight
+        new.bias = layer.bias
+        new._init_quantizers(nonlinear, quantize_input)
+        new.train(layer.training)
+        carry_over_hooks(layer, new)
+        return new
 
     def quantized_weight(self) -> torch.Tensor:
         """The fake-quantized weight ``Q(W)`` used by the forward pass."""
@@ -82,70 +98,16 @@ class QuantLinear(QuantLayerMixin, nn.Linear):
     def from_float(cls, linear: nn.Linear, *, nonlinear: bool = True,
                    quantize_input: bool = False) -> "QuantLinear":
         """Wrap an existing ``nn.Linear``; the new layer shares its parameter objects."""
-        new = cls.__new__(cls)
-        nn.Module.__init__(new)
-        new.in_features, new.out_features = linear.in_features, linear.out_features
-        new.weight = linear.weight
-        new.bias = linear.bias
-        new._init_quantizers(nonlinear, quantize_input)
-        new.train(linear.training)
-        carry_over_hooks(linear, new)
-        return new
+        return cls.wrap(linear, ("in_features", "out_features"), nonlinear=nonlinear,
+                        quantize_input=quantize_input)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x, w = self._quant_inputs(x)
         return F.linear(x, w, self.bias)
 
 
-def _conv1d_cls():
-    from transformers.pytorch_utils import Conv1D  # a layer type, not the HF integration
-
-    return Conv1D
-
-
-def _make_quant_conv1d():
-    Conv1D = _conv1d_cls()
-
-    class QuantConv1D(QuantLayerMixin, Conv1D):
-        """GPT-2 ``Conv1D`` (weight stored ``(in, out)``) with GETA fake quantization."""
-
-        weight_out_dim = 1
-
-        def __init__(self, nf: int, nx: int, *, nonlinear: bool = True,
-                     quantize_input: bool = False) -> None:
-            Conv1D.__init__(self, nf, nx)
-            self._init_quantizers(nonlinear, quantize_input)
-
-        @classmethod
-        def from_float(cls, conv, *, nonlinear: bool = True, quantize_input: bool = False):
-            new = cls.__new__(cls)
-            nn.Module.__init__(new)
-            new.nf, new.nx = conv.nf, conv.nx
-            new.weight = conv.weight
-            new.bias = conv.bias
-            new._init_quantizers(nonlinear, quantize_input)
-            new.train(conv.training)
-            carry_over_hooks(conv, new)
-            return new
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            x, w = self._quant_inputs(x)
-            size_out = x.size()[:-1] + (self.nf,)
-            out = torch.addmm(self.bias, x.view(-1, x.size(-1)), w)
-            return out.view(size_out)
-
-        def __repr__(self) -> str:  # Conv1D overrides __repr__; keep the children visible
-            return nn.Module.__repr__(self)
-
-        def extra_repr(self) -> str:
-            return f"nf={self.nf}, nx={self.nx}"
-
-    QuantConv1D.__module__ = __name__
-    QuantConv1D.__qualname__ = "QuantConv1D"
-    return QuantConv1D
-
-
-QuantConv1D = _make_quant_conv1d()
+register_linear_type(nn.Linear, QuantLinear, weight_out_dim=0, in_attr="in_features",
+                     out_attr="out_features")
 
 
 def is_quant_layer(module: nn.Module) -> bool:

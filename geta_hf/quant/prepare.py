@@ -12,7 +12,8 @@ from torch import nn
 
 from ..config import GETAConfig
 from .quantizer import GETAQuantizer
-from .layers import QuantConv1D, QuantLayerMixin, QuantLinear, _conv1d_cls, quant_layers
+from ..registry import float_linear_types, linear_type_of
+from .layers import QuantLayerMixin, quant_layers
 
 __all__ = ["prepare_model", "calibrate_activations", "quantization_bypassed",
            "input_quantizers_disabled", "QUANT_SPEC_ATTR"]
@@ -34,10 +35,6 @@ def _quant_spec(cfg: GETAConfig) -> dict:
     }
 
 
-def _float_layer_types():
-    return (nn.Linear, _conv1d_cls())
-
-
 def _matches(name: str, patterns) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
@@ -52,7 +49,7 @@ def _shared_weights(model: nn.Module) -> set:
 
 
 def _select_layers(model: nn.Module, cfg: GETAConfig):
-    float_types = _float_layer_types()
+    float_types = float_linear_types()
     candidates = [(n, m) for n, m in model.named_modules()
                   if isinstance(m, float_types) and not isinstance(m, QuantLayerMixin)]
     names = [n for n, _ in candidates] + [n for n, _ in quant_layers(model)]
@@ -62,7 +59,7 @@ def _select_layers(model: nn.Module, cfg: GETAConfig):
             if not any(fnmatch.fnmatchcase(n, p) for n in names):
                 example = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
                 raise ValueError(
-                    f"GETAConfig.{field_name}: pattern {p!r} matches no Linear/Conv1D module of "
+                    f"GETAConfig.{field_name}: pattern {p!r} matches no linear module of "
                     f"{type(model).__name__}; module names look like: {example}")
     shared = _shared_weights(model)
     chosen, frozen = [], []
@@ -95,8 +92,10 @@ def prepare_model(model: nn.Module, cfg: GETAConfig,
                   calibration_data: Optional[Iterable] = None) -> nn.Module:
     """Insert GETA fake quantizers into ``model`` (in place) and return it.
 
-    Every ``nn.Linear`` and GPT-2 ``Conv1D`` selected by ``cfg.include_modules`` /
-    ``cfg.exclude_modules`` becomes a :class:`QuantLinear` / :class:`QuantConv1D` sharing the
+    Every linear layer (``nn.Linear`` and the types registered with
+    :func:`geta_hf.registry.register_linear_type`, e.g. GPT-2's ``Conv1D``) selected by
+    ``cfg.include_modules`` / ``cfg.exclude_modules`` becomes its quantized form (``nn.Linear``:
+    :class:`QuantLinear`) sharing the
     original parameters, with its weight quantizer initialised at ``max(cfg.weight_bits)`` bits
     (``q_m = max|W|``, ``t = 1``; GETA-METHOD §1.4). Layers whose weight is tied to another module
     (e.g. an LM head tied to the embeddings) are left in float and logged, and so are layers
@@ -129,16 +128,12 @@ def prepare_model(model: nn.Module, cfg: GETAConfig,
         why = (f"; {len(frozen)} are left out because their weight is frozen (requires_grad="
                "False): set GETAConfig(compress_frozen=True) to quantize them") if frozen else ""
         raise ValueError(
-            f"prepare_model: no Linear/Conv1D layer of {type(model).__name__} was selected for "
+            f"prepare_model: no linear layer of {type(model).__name__} was selected for "
             f"quantization; check GETAConfig.include_modules / exclude_modules{why}")
     w_bits = max(cfg.weight_bits)
     for name, mod in chosen:
-        if isinstance(mod, nn.Linear):
-            new = QuantLinear.from_float(mod, nonlinear=cfg.nonlinear,
-                                         quantize_input=cfg.quantize_activations)
-        else:
-            new = QuantConv1D.from_float(mod, nonlinear=cfg.nonlinear,
-                                         quantize_input=cfg.quantize_activations)
+        new = linear_type_of(mod).quant_cls.from_float(
+            mod, nonlinear=cfg.nonlinear, quantize_input=cfg.quantize_activations)
         with torch.no_grad():
             new.weight_quantizer.init_range(mod.weight.detach().abs().amax().float(), w_bits)
         _set_submodule(model, name, new)
