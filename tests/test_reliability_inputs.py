@@ -44,9 +44,10 @@ def test_unknown_choice_is_rejected_by_the_parser(capsys):
 # ----------------------------------------------------------------------------- module patterns
 @pytest.mark.parametrize("field,value,match", [
     ("include_modules", ("*.no_such_module",), r"GETAConfig.include_modules: pattern '\*.no_such_module' "
-                                               r"matches no Linear/Conv1D module of BertForQuestionAnswering"),
+                                               r"matches no quantizable module \(Linear, Conv1D\) of BertForQuestionAnswering"),
     ("exclude_modules", ("decoder.*",), r"GETAConfig.exclude_modules: pattern 'decoder.\*' matches no"),
-    ("exclude_modules", ("*",), r"no Linear/Conv1D layer of BertForQuestionAnswering was selected"),
+    ("exclude_modules", ("*",), r"no quantizable layer \(Linear, Conv1D\) of BertForQuestionAnswering was "
+                                       r"selected"),
 ])
 def test_patterns_that_match_nothing_or_everything(field, value, match):
     model, _ = build("bert")

@@ -35,6 +35,10 @@ def _quant_spec(cfg: GETAConfig) -> dict:
     }
 
 
+def _type_names() -> str:
+    return ", ".join(t.__name__ for t in float_linear_types())
+
+
 def _matches(name: str, patterns) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
@@ -59,7 +63,8 @@ def _select_layers(model: nn.Module, cfg: GETAConfig):
             if not any(fnmatch.fnmatchcase(n, p) for n in names):
                 example = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
                 raise ValueError(
-                    f"GETAConfig.{field_name}: pattern {p!r} matches no linear module of "
+                    f"GETAConfig.{field_name}: pattern {p!r} matches no quantizable module "
+                    f"({_type_names()}) of "
                     f"{type(model).__name__}; module names look like: {example}")
     shared = _shared_weights(model)
     chosen, frozen = [], []
@@ -128,7 +133,7 @@ def prepare_model(model: nn.Module, cfg: GETAConfig,
         why = (f"; {len(frozen)} are left out because their weight is frozen (requires_grad="
                "False): set GETAConfig(compress_frozen=True) to quantize them") if frozen else ""
         raise ValueError(
-            f"prepare_model: no linear layer of {type(model).__name__} was selected for "
+            f"prepare_model: no quantizable layer ({_type_names()}) of {type(model).__name__} was selected for "
             f"quantization; check GETAConfig.include_modules / exclude_modules{why}")
     w_bits = max(cfg.weight_bits)
     for name, mod in chosen:
