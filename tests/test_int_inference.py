@@ -47,6 +47,31 @@ def compress_tiny(name, *, weight_bits=BITS, act_bits=(8, 8), quantizer="linear"
     return model.eval(), make
 
 
+def minilm_batch(tok, n=4, length=48):
+    """``n`` question/context pairs padded to ``length`` (the shorter rows end in padding)."""
+    qs = ["Where is the tower?", "Who wrote it?", "What is red?", "When did it open?"]
+    cs = ["The tower stands in Paris near the river.", "A committee wrote it in 2019.",
+          "Apples are red and bananas are yellow.", "It opened in May after a delay."]
+    return dict(tok(qs[:n], cs[:n], return_tensors="pt", padding="max_length", max_length=length))
+
+
+def compress_minilm(base, tok, seed=0):
+    """A copy of the real MiniLM-L6 with w [4,8] a 8 quantizers and half of every family's units
+    (chosen at random) removed, in eval mode."""
+    import copy
+
+    model = copy.deepcopy(base)
+    batch = minilm_batch(tok)
+    geta_hf.prepare_model(model, GETAConfig(weight_bits=(4, 8), activation_bits=(8, 8)), [batch])
+    q = build_qadg(model, batch)
+    g = torch.Generator().manual_seed(seed)
+    q.zero_groups(model, [u for f in q.families for u in
+                          (torch.randperm(f.num_units, generator=g)[: f.num_units // 2]
+                           + f.offset).tolist()])
+    geta_hf.compress_model(model, q)
+    return model.eval(), batch
+
+
 def packed_layers(model):
     return [m for m in model.modules() if isinstance(m, PackedQuantLinear)]
 
@@ -263,22 +288,9 @@ def test_model_stats_count_integer_matmuls():
 def test_real_minilm_integer_path_matches_float_path(minilm, int_calls):
     """Real MiniLM-L6 (6 layers, 8-bit inputs, half its units removed): the integer path gives
     the float path's logits at every position the attention mask keeps."""
-    import copy
-
-    from test_onnx_export import _minilm_batch
-
     base, tok = minilm
-    model = copy.deepcopy(base)
-    batch = _minilm_batch(tok)
-    geta_hf.prepare_model(model, GETAConfig(weight_bits=(4, 8), activation_bits=(8, 8)), [batch])
-    q = build_qadg(model, batch)
-    g = torch.Generator().manual_seed(1)
-    q.zero_groups(model, [u for f in q.families for u in
-                          (torch.randperm(f.num_units, generator=g)[: f.num_units // 2]
-                           + f.offset).tolist()])
-    geta_hf.compress_model(model, q)
-    model.eval()
-    other = _minilm_batch(tok, n=3, length=40)
+    model, _ = compress_minilm(base, tok, seed=1)
+    other = minilm_batch(tok, n=3, length=40)
     keep = other["attention_mask"].bool()
     got = outputs(model, other)
     assert len(int_calls) == len(packed_layers(model))

@@ -1,6 +1,5 @@
 """ONNX export of compressed models: int8 initializers, integer matmuls, onnxruntime outputs."""
 
-import copy
 import os
 from collections import Counter
 
@@ -10,10 +9,10 @@ import pytest
 import torch
 
 import geta_hf
-from geta_hf import GETAConfig, build_qadg
 from geta_hf.compress import PackedQuantLinear, export_onnx, use_integer_kernels
 
-from test_int_inference import compress_tiny, outputs, packed_layers
+from test_int_inference import (compress_minilm, compress_tiny, minilm_batch, outputs,
+                                packed_layers)
 from tiny_models import _text_inputs
 
 
@@ -118,25 +117,9 @@ def test_bad_arguments_and_failed_exports_leave_nothing_behind(tmp_path, monkeyp
     assert len(packed_layers(model)) == 13
 
 
-def _minilm_batch(tok, n=4, length=48):
-    qs = ["Where is the tower?", "Who wrote it?", "What is red?", "When did it open?"]
-    cs = ["The tower stands in Paris near the river.", "A committee wrote it in 2019.",
-          "Apples are red and bananas are yellow.", "It opened in May after a delay."]
-    return dict(tok(qs[:n], cs[:n], return_tensors="pt", padding="max_length", max_length=length))
-
-
 def test_real_minilm_export(minilm, tmp_path):
     base, tok = minilm
-    model = copy.deepcopy(base)
-    batch = _minilm_batch(tok)
-    geta_hf.prepare_model(model, GETAConfig(weight_bits=(4, 8), activation_bits=(8, 8)), [batch])
-    q = build_qadg(model, batch)
-    g = torch.Generator().manual_seed(0)
-    q.zero_groups(model, [u for f in q.families for u in
-                          (torch.randperm(f.num_units, generator=g)[: f.num_units // 2]
-                           + f.offset).tolist()])
-    geta_hf.compress_model(model, q)
-    model.eval()
+    model, batch = compress_minilm(base, tok)
     geta_hf.save_compressed(model, str(tmp_path / "c"))
     plan = export_onnx(model, tmp_path / "m.onnx", batch)
     assert set(plan.values()) == {"int8"}
@@ -144,7 +127,7 @@ def test_real_minilm_export(minilm, tmp_path):
     # the float embeddings are inside the safetensors file too
     assert os.path.getsize(tmp_path / "m.onnx") <= 1.2 * os.path.getsize(
         tmp_path / "c" / "model.safetensors")
-    other = _minilm_batch(tok, n=2, length=40)
+    other = minilm_batch(tok, n=2, length=40)
     keep = other["attention_mask"].bool()  # rows 1 and 2 end in padding
     assert not keep.all()
     got, ref = run(session(tmp_path / "m.onnx"), other), outputs(model, other)
