@@ -17,7 +17,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Sequence, Union
 
-__all__ = ["GETAConfig", "Schedule", "IMPORTANCE_CRITERIA", "QUANTIZER_KINDS", "FrozenDict"]
+__all__ = ["GETAConfig", "Schedule", "IMPORTANCE_CRITERIA", "IMPORTANCE_SOURCES", "QUANTIZER_KINDS",
+           "FrozenDict"]
 
 #: The five saliency criteria of GETA-METHOD §3.3, in a fixed order.
 IMPORTANCE_CRITERIA = (
@@ -29,6 +30,8 @@ IMPORTANCE_CRITERIA = (
 )
 #: ``linear``: Q(x) = sign(x) d round(min(|x|, q_m) / d);  ``nonlinear``: same with min(|x|, q_m)^t.
 QUANTIZER_KINDS = ("linear", "nonlinear")
+#: what the saliency's gradient ``g`` is (``GETAConfig.importance_source``)
+IMPORTANCE_SOURCES = ("gradient", "update")
 MIN_BITS, MAX_BITS = 2, 16
 
 StageLength = Union[int, float]
@@ -138,6 +141,12 @@ class GETAConfig:
         pruning_periods: number of periods over which the ``K`` units are selected and forgotten
             in the joint stage (``>= 1``).
         importance_weights: weights of the five saliency criteria (§3.3); non-negative, not all 0.
+        importance_source: the ``g`` of the saliency criteria. ``"update"`` (default, the
+            paper's): the displacement of the one optimizer step that starts the period (with
+            Adam a per-element normalised direction, not a gradient). ``"gradient"``: the loss
+            gradient, its per-unit statistics averaged over a window of steps before each
+            pruning period (as long as the period), so that the Taylor terms estimate the loss
+            change of removing a unit (README, "Deliberate differences").
         group_divisible: keep a multiple of this many units per family (hardware-friendly widths).
         include_modules: glob patterns of module names to quantize (``None``: every Linear).
         exclude_modules: glob patterns of module names never quantized.
@@ -172,6 +181,7 @@ class GETAConfig:
     projection_periods: int = 5
     pruning_periods: int = 5
     importance_weights: dict = field(default_factory=_default_importance)
+    importance_source: str = "update"
     group_divisible: int = 1
     include_modules: Optional[Sequence[str]] = None
     exclude_modules: Sequence[str] = ()
@@ -236,6 +246,9 @@ class GETAConfig:
                 raise _err(f"importance_weights[{k!r}]", v, "a finite number >= 0")
         if sum(w.values()) <= 0:
             raise _err("importance_weights", w, "at least one weight > 0")
+        if self.importance_source not in IMPORTANCE_SOURCES:
+            raise _err("importance_source", self.importance_source,
+                       " or ".join(repr(k) for k in IMPORTANCE_SOURCES))
         if self.include_modules is not None:
             self._check_patterns("include_modules", self.include_modules)
             if len(self.include_modules) == 0:

@@ -71,8 +71,11 @@ VARIANTS = {
     "late": {"warmup": 0.2, "projection": 0.2, "joint": 0.2},
     "kd0.8": {"kd_weight": 0.8},
     "late-kd0.8": {"warmup": 0.2, "projection": 0.2, "joint": 0.2, "kd_weight": 0.8},
-    # unit saliency: the sequential baseline's criterion (RMS magnitude per parameter) alone
-    "sal-mag": {"importance_weights": {"avg_magnitude": 1.0}},
+    # unit saliency from the loss gradient averaged over a window before each pruning period
+    # (GETAConfig.importance_source="gradient") instead of the one-step Adam displacement
+    "sal-grad": {"importance_source": "gradient"},
+    "sal-grad-t1": {"importance_source": "gradient",
+                    "importance_weights": {"taylor_first_order": 1.0}},
     # more, shorter pruning periods (smaller steps of units removed at once)
     "periods6": {"pruning_periods": 6},
 }
@@ -176,8 +179,9 @@ class Setting:
                   projection=stages["projection"], joint=stages["joint"],
                   projection_periods=stages["projection_periods"],
                   pruning_periods=stages["pruning_periods"], target_relative_bops=self.bops)
-        if "importance_weights" in self.overrides:
-            kw["importance_weights"] = self.overrides["importance_weights"]
+        for key in ("importance_weights", "importance_source"):
+            if key in self.overrides:
+                kw[key] = self.overrides[key]
         kw.update(overrides)
         return GETAConfig(**kw)
 

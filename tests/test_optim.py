@@ -418,8 +418,10 @@ def test_joint_update_touches_exactly_the_redundant_rows(name, heads_only):
 
 
 # ----------------------------------------------------------------------------- checkpoints
-def test_resume_mid_joint_stage_is_bit_identical(tmp_path):
-    cfg = GETAConfig(**SHORT)
+@pytest.mark.parametrize("source", ["update", "gradient"])
+def test_resume_mid_joint_stage_is_bit_identical(tmp_path, source):
+    # "gradient": step 23 is inside period 2's saliency window, so its sums must resume too
+    cfg = GETAConfig(**SHORT, importance_source=source)
 
     def fresh():
         model, make, qadg = _setup("bert", cfg)
@@ -835,3 +837,45 @@ def test_weighted_error_grows_as_bits_fall_and_scales_with_fisher():
     errs = [weighted_error(w, f, b) for b in (8, 6, 4, 3)]
     assert errs == sorted(errs) and errs[0] < errs[-1] / 100
     assert weighted_error(w, 3 * f, 4) == pytest.approx(3 * errs[2], rel=1e-5)
+
+
+def test_gradient_saliency_averages_the_loss_gradient_over_the_window():
+    """importance_source="gradient": period 0 scores units on the mean over its window (one
+    period before the joint stage, up to the period's first step) of <x_i, g_i>, with x before
+    each step and g the loss gradient; checked against a hand computation."""
+    cfg = GETAConfig(**SHORT, importance_source="gradient",
+                     importance_weights={"taylor_first_order": 1.0})
+    model, make, qadg = _setup("bert", cfg)
+    opt = QASSO(model, qadg, cfg, lr=2e-3, total_steps=40)
+    assert opt.plan.saliency_steps() == (11, 26)  # periods start at 16, 21, 26 (length 5)
+    named = dict(model.named_parameters())
+    dots = []
+    for k in range(17):
+        _loss("bert", model, make(100 + k)).backward()
+        if k >= 11:
+            dot = torch.zeros(qadg.num_groups)
+            for f in qadg.families:
+                for m in f.members:
+                    p = named[m.param]
+                    xs = qadg.unit_slices(p.detach(), m).reshape(f.num_units, -1)
+                    gs = qadg.unit_slices(p.grad, m).reshape(f.num_units, -1)
+                    dot[f.offset:f.offset + f.num_units] += (xs * gs).sum(1)
+            dots.append(dot)
+        opt.step()
+        opt.zero_grad()
+    assert len(dots) == 6 and opt.describe()["stage"] == "joint"
+    score = torch.stack(dots).mean(0).abs()
+    fams = qadg.families
+    family_of_unit = torch.repeat_interleave(torch.arange(len(fams)),
+                                             torch.tensor([f.num_units for f in fams]))
+    n = [f.num_units for f in fams]
+    want = select_units(score, torch.ones(qadg.num_groups, dtype=torch.bool), family_of_unit, n,
+                        n, [1] * len(fams), 1, opt.target_units // 3)
+    assert opt.active_units == want
+    # the paper's one-step displacement chooses differently on the same run
+    cfg_u = GETAConfig(**SHORT, importance_weights={"taylor_first_order": 1.0})
+    model_u, make_u, qadg_u = _setup("bert", cfg_u)
+    opt_u = QASSO(model_u, qadg_u, cfg_u, lr=2e-3, total_steps=40)
+    for k in range(17):
+        _train_step("bert", model_u, make_u, opt_u, k)
+    assert opt_u.active_units != want

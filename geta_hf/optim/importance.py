@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Mapping, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence
 
 import torch
 
@@ -23,13 +23,17 @@ class UnitStats:
     """Per-unit sums over the unit's group slices (members with role ``"out"``).
 
     ``sq_x = ||x_i||^2``, ``sq_g = ||g_i||^2``, ``dot = <x_i, g_i>`` (1-D, one entry per unit),
-    ``numel`` = the number of parameters in the unit's group slices.
+    ``numel`` = the number of parameters in the unit's group slices. With gradient statistics
+    averaged over several steps (``GETAConfig.importance_source="gradient"``), ``sq_g`` and
+    ``dot`` are the means over the steps and ``dot_sq`` the mean of the per-step ``<x_i, g_i>^2``
+    (the empirical-Fisher form of the second-order term); ``None``: ``dot^2`` of the one step.
     """
 
     sq_x: torch.Tensor
     sq_g: torch.Tensor
     dot: torch.Tensor
     numel: torch.Tensor
+    dot_sq: Optional[torch.Tensor] = None
 
 
 def importance_scores(stats: UnitStats, weights: Mapping[str, float]) -> torch.Tensor:
@@ -38,7 +42,8 @@ def importance_scores(stats: UnitStats, weights: Mapping[str, float]) -> torch.T
     * magnitude ``||x_i||``; avg_magnitude ``||x_i|| / numel_i`` (per parameter, so a head and a
       channel are comparable);
     * cosine_similarity ``<x_i, g_i> / ((||x_i|| + 1e-8)(||g_i|| + 1e-8)) + 1``;
-    * taylor_first_order ``|<x_i, g_i>|``; taylor_second_order ``0.5 <x_i, g_i>^2``.
+    * taylor_first_order ``|<x_i, g_i>|``; taylor_second_order ``0.5 <x_i, g_i>^2`` (the mean
+      of the per-step squares when ``stats.dot_sq`` is given).
 
     Each criterion is divided by ``sqrt(sum over units of criterion^2) + 1e-8`` before weighting.
     Low score = redundant.
@@ -50,7 +55,8 @@ def importance_scores(stats: UnitStats, weights: Mapping[str, float]) -> torch.T
         "avg_magnitude": norm_x / stats.numel.to(norm_x.dtype).clamp_min(1),
         "cosine_similarity": stats.dot / ((norm_x + _NORM_EPS) * (norm_g + _NORM_EPS)) + 1.0,
         "taylor_first_order": stats.dot.abs(),
-        "taylor_second_order": 0.5 * stats.dot.square(),
+        "taylor_second_order": 0.5 * (stats.dot.square() if stats.dot_sq is None
+                                      else stats.dot_sq),
     }
     score = torch.zeros_like(norm_x)
     for name in IMPORTANCE_CRITERIA:

@@ -110,6 +110,7 @@ class PruningController:
         self.achieved: Optional[int] = None
         self._bound_steps = torch.zeros((), dtype=torch.long)  # a tensor: no host sync per step
         self._pruned_rows: List[tuple] = []
+        self.reset_saliency()
 
     @property
     def budget_bound_steps(self) -> int:
@@ -144,7 +145,11 @@ class PruningController:
         budget = self.period_budget(p)
         chosen: List[int] = []
         if budget > 0:
-            scores = importance_scores(self.unit_stats(snapshot, lr), self.cfg.importance_weights)
+            if self.cfg.importance_source == "gradient" and self.saliency_steps > 0:
+                stats = self._gradient_stats(snapshot)
+            else:  # the paper's one-step displacement (or no gradient was seen)
+                stats = self.unit_stats(snapshot, lr)
+            scores = importance_scores(stats, self.cfg.importance_weights)
             per_family = torch.zeros(len(self.num_units), dtype=torch.long).index_add_(
                 0, self.family_of_unit, self.pruned.long())
             kept = [n - int(c) for n, c in zip(self.num_units, per_family)]
@@ -156,7 +161,69 @@ class PruningController:
                 logger.warning("QASSO: pruned %d of the K=%d units asked for: min_units/"
                                "group_divisible leave no more prunable units", self.achieved,
                                self.plan.target)
+        self.reset_saliency()
         self.set_active(chosen)
+
+    # ------------------------------------------------------------------ gradient saliency
+    def reset_saliency(self) -> None:
+        """Forget the accumulated gradient statistics (after each selection)."""
+        n, dev = self.qadg.num_groups, self.device
+        self.saliency_steps = 0  # a host-side count: no sync
+        self._acc = {k: torch.zeros(n, device=dev) for k in ("dot", "dot_sq", "sq_g")}
+
+    def accumulate_saliency(self) -> None:
+        """Add this step's per-unit ``<x, g>``, ``<x, g>^2`` and ``||g||^2`` (``g`` = the loss
+        gradient in ``.grad``, ``x`` before the optimizer moves it). Tensor work only."""
+        dot, sq_g = torch.zeros_like(self._acc["dot"]), torch.zeros_like(self._acc["sq_g"])
+        for m in self.members:
+            if m.param.grad is None:
+                continue
+            off, units = self.offsets[m.family], self.num_units[m.family]
+            x = m.unit_view(m.param.detach()).float()
+            g = m.unit_view(m.param.grad).float()
+            dot[off:off + units] += (x * g).sum(1)
+            sq_g[off:off + units] += g.square().sum(1)
+        self._acc["dot"] += dot
+        self._acc["dot_sq"] += dot.square()
+        self._acc["sq_g"] += sq_g
+        self.saliency_steps += 1
+
+    def saliency_state(self) -> Dict[str, object]:
+        """The accumulated statistics, for QASSO's checkpoint."""
+        return {"steps": self.saliency_steps, **{k: v.detach().cpu() for k, v in self._acc.items()}}
+
+    def check_saliency_state(self, state: Optional[Dict[str, object]]) -> None:
+        """Raise ``ValueError`` naming the field if ``state`` cannot be loaded (changes nothing)."""
+        if not state:
+            return
+        if not isinstance(state, dict) or not isinstance(state.get("steps"), int):
+            raise ValueError("QASSO.load_state_dict: 'saliency' must be a dict with an int 'steps'")
+        for k, ref in self._acc.items():
+            t = state.get(k)
+            if not isinstance(t, torch.Tensor) or t.shape != ref.shape:
+                raise ValueError(f"QASSO.load_state_dict: saliency[{k!r}] must be a tensor of "
+                                 f"shape {tuple(ref.shape)}")
+
+    def load_saliency_state(self, state: Optional[Dict[str, object]]) -> None:
+        """Restore :meth:`saliency_state` (checked with :meth:`check_saliency_state`)."""
+        self.check_saliency_state(state)
+        self.reset_saliency()
+        if state:
+            for k in self._acc:
+                self._acc[k] = state[k].to(device=self.device, dtype=torch.float32).clone()
+            self.saliency_steps = int(state["steps"])
+
+    def _gradient_stats(self, snapshot: Optional[Dict[int, torch.Tensor]]) -> UnitStats:
+        """Per-unit statistics from the accumulated gradients (means over the window) and the
+        current (pre-step) ``x``."""
+        sq_x = torch.zeros(self.qadg.num_groups, device=self.device)
+        for m in self.members:
+            off, units = self.offsets[m.family], self.num_units[m.family]
+            x = m.param.detach() if snapshot is None else snapshot[id(m.param)]
+            sq_x[off:off + units] += m.unit_view(x).float().square().sum(1)
+        n = float(self.saliency_steps)
+        return UnitStats(sq_x=sq_x, sq_g=self._acc["sq_g"] / n, dot=self._acc["dot"] / n,
+                         numel=self.unit_numel, dot_sq=self._acc["dot_sq"] / n)
 
     def unit_stats(self, snapshot: Optional[Dict[int, torch.Tensor]], lr: float) -> UnitStats:
         """Per-unit ``||x||^2``, ``||g||^2``, ``<x, g>`` with pre-step ``x`` and the step's ``g``.

@@ -199,6 +199,9 @@ class QASSO(torch.optim.Optimizer):
         self._weights = weights
         self._plan = StagePlan.from_config(cfg, total_steps, qadg.num_groups)
         self._units = PruningController(model, qadg, cfg, self._plan, named, self._quant.weights)
+        #: steps whose loss gradients feed the saliency (empty unless importance_source="gradient")
+        self._saliency_steps = (self._plan.saliency_steps() if cfg.importance_source == "gradient"
+                                else (0, -1))
         self._bits = self._bit_controller(model, cfg, bops_estimator)
         #: what a checkpoint must match to be resumed (computed once)
         self._space = search_space(qadg, self._quant)
@@ -335,6 +338,9 @@ class QASSO(torch.optim.Optimizer):
         if stage == "cooldown" and bits.frozen_bits is None and len(bits):
             bits.freeze(k)
 
+        lo, hi = self._saliency_steps
+        if lo <= k <= hi and lr > 0:  # the loss gradient of this step, before x moves
+            units.accumulate_saliency()
         joint = stage == "joint"
         new_period = snapshot = x_prev = d_prev = w_prev = None
         t_in = T = 0
@@ -503,6 +509,7 @@ class QASSO(torch.optim.Optimizer):
             "achieved_units": self._units.achieved,
             "forget_budget_bound_steps": self._units.budget_bound_steps,
             "skipped_steps": self._skipped,
+            "saliency": self._units.saliency_state() if self._saliency_steps[1] >= 0 else None,
         }
         return sd
 
@@ -537,6 +544,7 @@ class QASSO(torch.optim.Optimizer):
                                  f"optimizer has {mine!r}; build it with the same model, QADG, "
                                  "GETAConfig, variant and total_steps")
         check_progress(s, plan.num_groups, len(self._quant), plan.pruning_periods)
+        self._units.check_saliency_state(s.get("saliency"))
         inner_sd = {k: v for k, v in state_dict.items() if k != "qasso"}
         self._inner.load_state_dict(inner_sd)
         self.param_groups = self._inner.param_groups
@@ -552,3 +560,4 @@ class QASSO(torch.optim.Optimizer):
         self._bits.set_frozen(None if fb is None else torch.tensor(fb, dtype=torch.float32,
                                                                    device=self._quant.device))
         self._skipped = int(s.get("skipped_steps", 0))
+        units.load_saliency_state(s.get("saliency"))

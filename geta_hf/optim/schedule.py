@@ -111,6 +111,17 @@ class StagePlan:
         start = self.period_start(p)
         return p, k - start, self.period_start(p + 1) - start
 
+    def saliency_steps(self) -> Tuple[int, int]:
+        """``(first, last)`` steps (inclusive) whose gradients feed the pruning periods' saliency
+        when ``importance_source="gradient"``: from one period length before the joint stage
+        to the start of the last period; each period scores on the steps since the previous
+        one started. ``(0, -1)`` (empty) without pruning periods."""
+        P = self.pruning_periods
+        if P == 0:
+            return 0, -1
+        first_len = self.period_start(1) - self.period_start(0)
+        return max(0, self.period_start(0) - first_len), self.period_start(P - 1)
+
     def cumulative_target(self, p: int) -> int:
         """Units that should be pruned once period ``p`` is committed (``K // P`` per period,
         the last period takes the remainder)."""
