@@ -170,28 +170,66 @@ class GETAConfig:
     The config is immutable once validated; use ``dataclasses.replace(cfg, ...)`` to change it.
     """
 
-    target_group_sparsity: float = 0.5
-    weight_bits: Sequence[int] = (4, 16)
-    activation_bits: Optional[Sequence[int]] = None
-    bit_reduction: int = 2
-    quantizer: str = "linear"
-    warmup: StageLength = 0.1
-    projection: StageLength = 0.2
-    joint: StageLength = 0.4
-    projection_periods: int = 5
-    pruning_periods: int = 5
-    importance_weights: dict = field(default_factory=_default_importance)
-    importance_source: str = "update"
-    group_divisible: int = 1
-    include_modules: Optional[Sequence[str]] = None
-    exclude_modules: Sequence[str] = ()
-    unprunable_modules: Sequence[str] = ()
-    min_units_per_family: int = 1
-    quant_lr: float = 1e-3
-    act_calibration_batches: int = 4
-    act_calibration_percentile: float = 100.0
-    target_relative_bops: Optional[float] = None
-    compress_frozen: bool = False
+    # ``metadata["help"]``: the command-line help of the ``--geta_<field>`` flag that
+    # :class:`geta_hf.GETATrainingArguments` generates from each field (defaults come from here)
+    target_group_sparsity: float = field(default=0.5, metadata={
+        "help": "Fraction of prunable units (attention heads, GQA kv-groups, MLP channels) to "
+                "remove, in [0, 1)."})
+    weight_bits: Sequence[int] = field(default=(4, 16), metadata={
+        "help": "Weight bit range: two integers b_l b_u with 2 <= b_l <= b_u <= 16 (layers "
+                "start at b_u)."})
+    activation_bits: Optional[Sequence[int]] = field(default=None, metadata={
+        "help": "Input (activation) bit range b_l b_u; omit for weight-only quantization."})
+    bit_reduction: int = field(default=2, metadata={
+        "help": "Bits removed from the upper bound at each projection period (never below b_l)."})
+    quantizer: str = field(default="linear", metadata={
+        "help": "Quantizer kind: 'linear' (default) or 'nonlinear' (the paper's learned "
+                "exponent t).", "choices": QUANTIZER_KINDS})
+    warmup: StageLength = field(default=0.1, metadata={
+        "help": "Warm-up length: a fraction of the training steps (<= 1) or a number of steps "
+                "(> 1)."})
+    projection: StageLength = field(default=0.2, metadata={
+        "help": "Projection-stage length (bit-range projection, upper bound shrinking): "
+                "fraction or steps."})
+    joint: StageLength = field(default=0.4, metadata={
+        "help": "Joint-stage length (pruning periods with forget rate and quant step): fraction "
+                "or steps. Cool-down (frozen integer bits) takes the rest."})
+    projection_periods: int = field(default=5, metadata={
+        "help": "Number of max-bit reduction periods in the projection stage."})
+    pruning_periods: int = field(default=5, metadata={
+        "help": "Number of periods over which units are selected and forgotten in the joint "
+                "stage."})
+    importance_weights: dict = field(default_factory=_default_importance, metadata={
+        "help": "Saliency criteria weights, e.g. 'magnitude=0.5,taylor_first_order=0.5' "
+                f"(names: {', '.join(IMPORTANCE_CRITERIA)}; default 0.2 each)."})
+    importance_source: str = field(default="update", metadata={
+        "help": "The g of the saliency: 'update' (the paper's one-step optimizer displacement) "
+                "or 'gradient' (the loss gradient averaged over a window before each pruning "
+                "period).", "choices": IMPORTANCE_SOURCES})
+    group_divisible: int = field(default=1, metadata={
+        "help": "Keep a multiple of this many units per family (hardware-friendly widths)."})
+    include_modules: Optional[Sequence[str]] = field(default=None, metadata={
+        "help": "Glob patterns of module names to quantize (default: every registered linear "
+                "layer type, e.g. nn.Linear and GPT-2's Conv1D)."})
+    exclude_modules: Sequence[str] = field(default=(), metadata={
+        "help": "Glob patterns of module names never quantized."})
+    unprunable_modules: Sequence[str] = field(default=(), metadata={
+        "help": "Glob patterns of module names whose heads/channels are never pruned."})
+    min_units_per_family: int = field(default=1, metadata={
+        "help": "Units every family keeps (at least 1: a layer is never removed entirely)."})
+    quant_lr: float = field(default=1e-3, metadata={
+        "help": "Learning rate of the quantizer scalars d, q_m, t."})
+    act_calibration_batches: int = field(default=4, metadata={
+        "help": "Training batches used to initialise input (activation) ranges."})
+    act_calibration_percentile: float = field(default=100.0, metadata={
+        "help": "Percentile of |input| used as the initial clip (100 = max)."})
+    target_relative_bops: Optional[float] = field(default=None, metadata={
+        "help": "BOPs of the compressed model relative to dense fp32, in (0, 1], reached when "
+                "the bits freeze by lowering the bits of the least sensitive layers per BOP "
+                "saved (default: none, bits = rounded learned bits)."})
+    compress_frozen: bool = field(default=False, metadata={
+        "help": "Also prune and quantize parameters with requires_grad=False (default: frozen "
+                "parameters are left untouched)."})
 
     def __post_init__(self) -> None:
         # never keep the caller's mutable objects: sequences become tuples, the weights a copy

@@ -103,3 +103,27 @@ def test_schedule_from_fractions_and_absolute_steps():
         GETAConfig(warmup=20, projection=20, joint=20).resolve_schedule(50)
     with pytest.raises(ValueError, match="total_steps"):
         GETAConfig().resolve_schedule(0)
+
+
+def test_training_arguments_are_generated_from_every_config_field(tmp_path):
+    """Config in one place: each GETAConfig field is a --geta_<field> flag with GETAConfig's
+    default and help text, and the defaults give back GETAConfig()."""
+    import dataclasses
+
+    import transformers as tf
+
+    from geta_hf import GETAConfig, GETATrainingArguments
+
+    flags = {f.name: f for f in dataclasses.fields(GETATrainingArguments)}
+    for f in dataclasses.fields(GETAConfig):
+        assert f"geta_{f.name}" in flags, f.name
+        assert f.metadata.get("help") and flags[f"geta_{f.name}"].metadata["help"] == f.metadata["help"]
+    args = GETATrainingArguments(output_dir=str(tmp_path))
+    assert args.to_geta_config() == GETAConfig()
+    parser = tf.HfArgumentParser(GETATrainingArguments)
+    (parsed,) = parser.parse_args_into_dataclasses(
+        ["--output_dir", str(tmp_path), "--geta_importance_source", "gradient", "--geta_joint",
+         "30", "--geta_exclude_modules", "qa_outputs", "--geta_activation_bits", "8", "16"])
+    cfg = parsed.to_geta_config()
+    assert cfg == GETAConfig(importance_source="gradient", joint=30, exclude_modules=("qa_outputs",),
+                             activation_bits=(8, 16))
