@@ -1,6 +1,6 @@
 """`GETAConfig`: every GETA knob in one validated, JSON-serialisable dataclass.
 
-The fields mirror GETA-METHOD.md (§0 sparsity target, §1 quantizer, §3 QASSO schedule and
+The fields mirror docs/method.md (§0 sparsity target, §1 quantizer, §3 QASSO schedule and
 importance scoring). Validation happens on construction: a bad value raises ``ValueError`` naming
 the field and the allowed range, and nothing the user passed is rewritten.
 
@@ -20,7 +20,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 __all__ = ["GETAConfig", "Schedule", "IMPORTANCE_CRITERIA", "IMPORTANCE_SOURCES", "QUANTIZER_KINDS",
            "FrozenDict"]
 
-#: The five saliency criteria of GETA-METHOD §3.3, in a fixed order.
+#: The five saliency criteria of method §3.3, in a fixed order.
 IMPORTANCE_CRITERIA = (
     "magnitude",
     "avg_magnitude",
@@ -125,7 +125,7 @@ class GETAConfig:
 
     Args:
         target_group_sparsity: fraction of prunable units (heads, kv-groups, MLP channels) to
-            remove, in ``[0, 1)``. Counted in units, as in the paper (GETA-METHOD §0).
+            remove, in ``[0, 1)``. Counted in units, as in the paper (method §0).
         weight_bits: ``(b_l, b_u)`` bit range for weights, integers in ``[2, 16]`` with
             ``b_l <= b_u``. Layers start at ``b_u``.
         activation_bits: ``(b_l, b_u)`` for layer inputs, or ``None`` for weight-only quantization.

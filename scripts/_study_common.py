@@ -61,7 +61,7 @@ KD = {"weight": 0.5, "temperature": 2.0}
 #: QASSO stage lengths (fractions of N) used by every GETA-style run; cool-down takes the rest
 STAGES = {"warmup": 0.1, "projection": 0.2, "joint": 0.3, "projection_periods": 5,
           "pruning_periods": 3}
-#: bits removed from the upper bound per projection period (GETA-METHOD §3.2)
+#: bits removed from the upper bound per projection period (method §3.2)
 BIT_REDUCTION = 2
 #: named departures from ``STAGES`` / ``KD`` for choosing hyper-parameters (``--variant``, run on
 #: ``--split dev``): a variant names the runs it changes (a suffix of the setting's tag) instead of
@@ -76,6 +76,10 @@ VARIANTS = {
     "sal-grad": {"importance_source": "gradient"},
     "sal-grad-t1": {"importance_source": "gradient",
                     "importance_weights": {"taylor_first_order": 1.0}},
+    # sal-grad, with one pruning period that starts where the sequential baseline prunes
+    # (step N/2; forgotten over 0.1 N, then 0.4 N of cool-down)
+    "sal-grad-1p": {"importance_source": "gradient", "warmup": 0.3, "projection": 0.2,
+                    "joint": 0.1, "pruning_periods": 1},
     # more, shorter pruning periods (smaller steps of units removed at once)
     "periods6": {"pruning_periods": 6},
 }

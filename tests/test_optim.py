@@ -765,7 +765,7 @@ def test_mse_clip_matches_brute_force():
 def test_pruning_a_unit_does_not_move_its_layers_bits():
     """With the quantizer scalars' own gradients zeroed, every layer keeps its (non-integer)
     bits through a joint stage that prunes half its units, and freezes them to round(b), not
-    to b_l (GETA-METHOD §7.1: the paper's d* pinned such layers at b_l)."""
+    to b_l (method §7.1: the paper's d* pinned such layers at b_l)."""
     cfg = GETAConfig(target_group_sparsity=0.5, weight_bits=(4, 8), warmup=0, projection=0,
                      joint=12, pruning_periods=3, bit_reduction=0)
     model, make, qadg = _setup("bert", cfg)

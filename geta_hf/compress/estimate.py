@@ -4,7 +4,7 @@
 estimate runs the model once at set-up (dense MACs per layer), maps every layer to the families
 that shrink it (a linear layer's output and input dimensions, an attention layer's heads), and
 later multiplies each layer's dense MACs by the kept fractions read from the group norms and by
-its current bit widths (GETA-METHOD §4.3).
+its current bit widths (method §4.3).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Integer GEMM for compressed layers: ``y = (k_x @ k_W^T) (d_x d_W) + b``, int32 accumulation.
 
-GETA's quantizer (GETA-METHOD §1.1) maps a tensor to ``Q(x) = sign(x) d k`` with integer codes
+GETA's quantizer (method §1.1) maps a tensor to ``Q(x) = sign(x) d k`` with integer codes
 ``k = round(min(|x|, q_m)^t / d)`` (``t = 1`` for the linear quantizer), one step ``d`` per tensor.
 So a layer whose weight *and* input are quantized computes exactly ``d_x d_W (k_x @ k_W^T) + b``:
 the integer product is exact in int32, and only the final rescale is rounded. With both code

@@ -1,6 +1,6 @@
 """`model_stats`: parameters, MACs, BOPs, weight size and bit widths, per layer and in total.
 
-Definitions (GETA-METHOD §4.2-4.4, with the §6.1.8 fixes):
+Definitions (method §4.2-4.4, with the §6.1.8 fixes):
 
 * **MACs** are counted from the ops that actually run on ``example_inputs``: matrix products
   (linear layers, and attention score ``QK^T`` and context ``AV`` products, whether they run as

@@ -1,7 +1,7 @@
 """`PackedQuantLinear`: a compressed layer holding bit-packed integer weight codes and a scale.
 
 The dequantized weight ``codes * scale`` equals the fake-quantized weight ``Q(W)`` of the
-`QuantLinear`/`QuantConv1D` it was packed from, bit for bit (GETA-METHOD §1.1: ``Q(W) = sign(W) d
+`QuantLinear`/`QuantConv1D` it was packed from, bit for bit (method §1.1: ``Q(W) = sign(W) d
 round(u/d)``, and the code is ``sign(W) round(u/d)``). Codes are stored densely at the layer's
 bit width (``ceil(out * in * bits / 8)`` bytes, see `bitpack.py`); the input quantizer, if any, is
 kept and keeps quantizing the layer input.

@@ -1,6 +1,6 @@
 """`compress_model`: physically remove zeroed units and pack quantized weights.
 
-Every unit whose group norm is exactly zero is removed (GETA-METHOD §4.1, with sparsity read
+Every unit whose group norm is exactly zero is removed (method §4.1, with sparsity read
 from the weights, not from optimizer state): its producer rows, biases and head-carrying
 parameters, and its consumers' input columns. Layers may end with different numbers of heads and
 channels. Modules' size attributes are updated so the model runs unchanged, and the per-layer

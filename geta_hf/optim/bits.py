@@ -2,7 +2,7 @@
 
 One job: keep every quantizer's bit width inside its range while the clip and step learn.
 
-* **Scale-aware update** (departure from GETA-METHOD §3.1, measured in §7.3): the dense
+* **Scale-aware update** (departure from method §3.1, measured in §7.3): the dense
   optimizer steps the quantizer scalars in log space, in the coordinates *clip* ``s = ln q_m``
   (bits held fixed: ``d`` moves with ``q_m^t``) and *step* ``ln d`` (clip held fixed). With
   ``b = log2(q_m^t / d + 1) + 1`` (§1.2) the gradients are ``dL/ds = q_m dL/dq_m + t d dL/dd``

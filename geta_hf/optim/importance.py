@@ -1,4 +1,4 @@
-"""Unit importance (GETA-METHOD §3.3) and the deterministic choice of redundant units.
+"""Unit importance (method §3.3) and the deterministic choice of redundant units.
 
 Both run once per pruning period (period boundaries may synchronise with the host).
 """
@@ -90,7 +90,7 @@ def select_units(scores: torch.Tensor, eligible: torch.Tensor, family_of_unit: t
         divisible: ``group_divisible`` ``m``; a family's kept count stays a multiple of ``m``
             (or all its units). Units join a family's selection in chunks that reach the next
             allowed count, each chunk made of the family's lowest-score candidates
-            (GETA-METHOD §6.1.6: never truncate by index). With ``m = 1`` this is the plain
+            (method §6.1.6: never truncate by index). With ``m = 1`` this is the plain
             greedy: the ``budget`` lowest scores subject to every family keeping ``floors``.
         budget: number of units wanted.
 

@@ -1,4 +1,4 @@
-"""The joint pruning/quantization update of GETA-METHOD §3.4-3.5, on batched tensors.
+"""The joint pruning/quantization update of method §3.4-3.5, on batched tensors.
 
 For the rows of the active redundant units of a family (``R``) QASSO takes the step
 
@@ -8,7 +8,7 @@ where ``Q_d(x) = C + d * r`` with ``C = sign(x) min(|x|, q_m)^t`` and
 ``r = sign(x) (round(u/d) - u/d)``. Quantities are vectors: one entry per family (``gamma``) or
 per *slot* (one quantized weight's redundant rows inside one family: its own ``d*``).
 
-Deliberate differences from the paper (GETA-METHOD §6.1 and §7, measured in the README's
+Deliberate differences from the paper (method §6.1 and §7, measured in the README's
 "Deliberate differences"):
 
 * **Progressive forgetting.** ``gamma = 1 / (T - t_in)`` for every family with ``||C|| >= eps``:

@@ -45,7 +45,7 @@ def trained_quant_layers(model: nn.Module, compress_frozen: bool = False
 
 
 def denominators(bits: Sequence[float], device=None) -> torch.Tensor:
-    """``2^(b-1) - 1`` per entry: ``d(b, q_m, t) = |q_m|^t / (2^(b-1) - 1)`` (GETA-METHOD §1.2)."""
+    """``2^(b-1) - 1`` per entry: ``d(b, q_m, t) = |q_m|^t / (2^(b-1) - 1)`` (method §1.2)."""
     b = torch.as_tensor(list(bits), dtype=torch.float32, device=device)
     return torch.exp2(b - 1.0) - 1.0
 
@@ -122,7 +122,7 @@ class QuantTable:
             torch._foreach_copy_(self.d, list(values.to(self.d[0].dtype).unbind(0)))
 
     def bits(self) -> torch.Tensor:
-        """Real-valued bit widths ``b(d, q_m, t)`` of all quantizers (GETA-METHOD §1.2)."""
+        """Real-valued bit widths ``b(d, q_m, t)`` of all quantizers (method §1.2)."""
         d, q_m, t = self.stacked()
         return torch.log2(self.top(q_m, t) / d.clamp_min(EPS) + 1.0) + 1.0
 

@@ -1,4 +1,4 @@
-"""`PruningController`: QASSO's unit bookkeeping and the joint forget update (GETA-METHOD §3.3-3.5).
+"""`PruningController`: QASSO's unit bookkeeping and the joint forget update (method §3.3-3.5).
 
 One job: choose the redundant units of each pruning period, forget them progressively over the
 period, and hold committed units at exactly zero. Index tables are built once (members) or once

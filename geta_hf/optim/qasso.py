@@ -1,4 +1,4 @@
-"""`QASSO`: GETA's quantization-aware structured sparse optimizer (GETA-METHOD §3) for PyTorch.
+"""`QASSO`: GETA's quantization-aware structured sparse optimizer (method §3) for PyTorch.
 
 ``QASSO`` is a ``torch.optim.Optimizer``. Each ``step()``:
 
@@ -62,7 +62,7 @@ __all__ = ["QASSO", "VARIANTS", "StateMismatchError"]
 
 logger = logging.getLogger(__name__)
 
-#: Supported dense-update variants (GETA-METHOD §3.1).
+#: Supported dense-update variants (method §3.1).
 VARIANTS = ("adamw", "adam", "sgd")
 _STATE_FORMAT = STATE_FORMAT
 

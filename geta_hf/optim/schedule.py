@@ -1,6 +1,6 @@
 """`StagePlan`: everything QASSO's schedule decides, as pure functions of the 0-based step ``k``.
 
-Stages come from :meth:`GETAConfig.resolve_schedule` (GETA-METHOD §3.2). On top of them:
+Stages come from :meth:`GETAConfig.resolve_schedule` (method §3.2). On top of them:
 
 * **Max-bit reduction.** The projection stage is cut into ``projection_periods`` periods of
   (near-)equal length; in period ``i`` the upper bit bound is ``max(b_l, b_u - i * bit_reduction)``.

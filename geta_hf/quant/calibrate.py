@@ -1,6 +1,6 @@
 """MSE-optimal weight clip for GETA's quantizer at a given bit width.
 
-GETA's clip ``q_m`` gets a gradient only from saturated entries (GETA-METHOD §1.3); started at
+GETA's clip ``q_m`` gets a gradient only from saturated entries (method §1.3); started at
 ``max|W|`` it has none, so it never moves, and a low-bit layer with heavy tails rounds most of
 its weights to zero (§7.2). :func:`mse_clip` searches the clip that minimises the quantization
 error ``||Q(W) - sign(W)|W|^t||^2`` with the bit width held fixed (``d = q_m^t / (2^(b-1) - 1)``,

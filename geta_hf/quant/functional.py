@@ -1,6 +1,6 @@
 """The GETA fake quantizer as a custom autograd function, and its bit-width math.
 
-Forward (GETA-METHOD §1.1, symmetric, ``q_s = 0``)::
+Forward (method §1.1, symmetric, ``q_s = 0``)::
 
     u(x) = min(|x|, q_m) ** t                      (t = 1 for the linear quantizer)
     Q(x) = sign(x) * d * round(u(x) / d)
@@ -134,7 +134,7 @@ Number = Union[float, torch.Tensor]
 
 
 def bit_width(d: Number, q_m: Number, t: Optional[Number] = None) -> torch.Tensor:
-    """``b(d, q_m, t) = log2(|q_m|^t / d + 1) + 1`` (GETA-METHOD §1.2; the ``+1`` is the sign bit)."""
+    """``b(d, q_m, t) = log2(|q_m|^t / d + 1) + 1`` (method §1.2; the ``+1`` is the sign bit)."""
     d = torch.as_tensor(d)
     q_m = torch.as_tensor(q_m, dtype=d.dtype)
     top = q_m.abs() if t is None else q_m.abs().pow(torch.as_tensor(t, dtype=d.dtype))

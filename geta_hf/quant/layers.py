@@ -3,7 +3,7 @@ use (GPT-2's ``Conv1D`` is registered by the HF integration, :mod:`geta_hf.hf.la
 
 Each keeps its ``weight``/``bias`` parameters under the usual names (so state dicts, tied-weight
 checks and optimizers see the same tensors) and adds ``weight_quantizer`` and, optionally,
-``act_quantizer`` (the layer input). Both quantizers are per tensor (GETA-METHOD §1).
+``act_quantizer`` (the layer input). Both quantizers are per tensor (method §1).
 """
 
 from __future__ import annotations

@@ -102,7 +102,7 @@ def prepare_model(model: nn.Module, cfg: GETAConfig,
     ``cfg.include_modules`` / ``cfg.exclude_modules`` becomes its quantized form (``nn.Linear``:
     :class:`QuantLinear`) sharing the
     original parameters, with its weight quantizer initialised at ``max(cfg.weight_bits)`` bits
-    (``q_m = max|W|``, ``t = 1``; GETA-METHOD §1.4). Layers whose weight is tied to another module
+    (``q_m = max|W|``, ``t = 1``; method §1.4). Layers whose weight is tied to another module
     (e.g. an LM head tied to the embeddings) are left in float and logged, and so are layers
     whose weight is frozen (``requires_grad=False``) unless ``cfg.compress_frozen``.
 
@@ -224,7 +224,7 @@ def _merge_finite(stats: dict, batch_stats: dict, index: int) -> None:
 @torch.no_grad()
 def calibrate_activations(model: nn.Module, batches: Iterable, cfg: GETAConfig,
                           max_batches: Optional[int] = None) -> dict:
-    """Initialise every input quantizer's range from data (GETA-METHOD §6.1.4 fix).
+    """Initialise every input quantizer's range from data (method §6.1.4 fix).
 
     Runs the model in eval mode, in full precision, on up to ``max_batches`` (default
     ``cfg.act_calibration_batches``) batches; each layer's clip ``q_m`` becomes the largest

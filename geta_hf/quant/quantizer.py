@@ -15,7 +15,7 @@ __all__ = ["GETAQuantizer"]
 class GETAQuantizer(nn.Module):
     """Fake-quantizes one tensor with learnable step ``d``, clip ``q_m`` and exponent ``t``.
 
-    One scalar of each per tensor (per layer), as in GETA-METHOD §1. ``t`` exists only for the
+    One scalar of each per tensor (per layer), as in method §1. ``t`` exists only for the
     non-linear kind. An activation quantizer starts *uncalibrated*: it passes its input through
     unchanged until :meth:`init_range` sets its range from data (see
     :func:`geta_hf.calibrate_activations`).
