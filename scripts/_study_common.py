@@ -442,9 +442,10 @@ def save_snapshot(model: nn.Module, path: str) -> None:
 
 # ============================================================================ measurement
 def _removed_fraction(model: nn.Module) -> float:
-    from geta_hf.compress import ARCH_ATTR
+    from geta_hf.compress import CompressedArch
 
-    fams = (getattr(model, ARCH_ATTR, None) or {}).get("families", {})
+    arch = CompressedArch.of(model)
+    fams = arch.families if arch is not None else {}
     total = sum(f["units"] for f in fams.values())
     return sum(f["units"] - len(f["kept"]) for f in fams.values()) / total if total else 0.0
 

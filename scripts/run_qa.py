@@ -44,7 +44,7 @@ from transformers import AutoModelForQuestionAnswering, AutoTokenizer, HfArgumen
 
 import geta_hf
 from geta_hf import GETATrainer, GETATrainingArguments
-from geta_hf.compress.subnet import ARCH_ATTR
+from geta_hf.compress import CompressedArch
 from geta_hf.data import (generate_squad, load_squad_json, prepare_eval_features,
                           prepare_train_features, split_by_article)
 from geta_hf.hf.resume import last_complete_checkpoint
@@ -179,7 +179,7 @@ def detect_last_checkpoint(targs, overwrite: bool) -> Optional[str]:
 
 
 def _is_compressed(model) -> bool:
-    return bool((getattr(model, ARCH_ATTR, None) or {}).get("compressed"))
+    return CompressedArch.of(model) is not None
 
 
 def _card_results(metrics: dict) -> dict:

@@ -19,7 +19,7 @@ import geta_hf
 from geta_hf import GETAConfig, GETATrainingArguments, QASSO, build_qadg, prepare_model
 from geta_hf.cli import main as cli_main
 from geta_hf.compress import CompressionError
-from geta_hf.compress.subnet import ARCH_ATTR
+from geta_hf.compress import ARCH_ATTR
 from geta_hf.graph import GraphCaptureError
 from geta_hf.quant import QuantLinear, calibrate_activations, quant_layers
 

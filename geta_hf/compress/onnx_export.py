@@ -31,6 +31,7 @@ from torch import nn
 
 from ..quant.functional import EPS, T_MIN
 from ..registry import forward_defaults
+from ..surgery import set_submodule
 from .packed import PackedQuantLinear
 
 __all__ = ["export_onnx", "OnnxExportError"]
@@ -106,11 +107,6 @@ def _packed_names(model: nn.Module) -> List[Tuple[str, PackedQuantLinear]]:
             if isinstance(m, PackedQuantLinear)]
 
 
-def _set(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
-
-
 @contextlib.contextmanager
 def _export_layers(model: nn.Module) -> Iterator[Dict[str, str]]:
     """Swap every `PackedQuantLinear` for its export stand-in; restore them (and the mode) after.
@@ -126,12 +122,12 @@ def _export_layers(model: nn.Module) -> Iterator[Dict[str, str]]:
         for name, layer in layers:
             new = _OnnxPackedLinear(layer)
             plan[name] = "int8" if new.integer else "float"
-            _set(model, name, new)
+            set_submodule(model, name, new)
             swapped.append((name, layer))
         yield plan
     finally:
         for name, layer in swapped:
-            _set(model, name, layer)
+            set_submodule(model, name, layer)
         model.train(was_training)
 
 

@@ -9,7 +9,7 @@ from typing import Any, Dict, Mapping, Optional
 from torch import nn
 
 from .metrics import model_stats
-from .subnet import ARCH_ATTR
+from ..surgery import CompressedArch
 
 __all__ = ["report", "format_stats_table"]
 
@@ -40,7 +40,7 @@ def format_stats_table(stats: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _plots(stats: Mapping[str, Any], arch: Optional[Mapping[str, Any]], out_dir: str) -> Dict[str, str]:
+def _plots(stats: Mapping[str, Any], arch: Optional[CompressedArch], out_dir: str) -> Dict[str, str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -62,7 +62,7 @@ def _plots(stats: Mapping[str, Any], arch: Optional[Mapping[str, Any]], out_dir:
         paths["bits"] = os.path.join(out_dir, "bits_per_layer.png")
         fig.savefig(paths["bits"], dpi=120)
         plt.close(fig)
-    fams = (arch or {}).get("families", {})
+    fams = arch.families if arch is not None else {}
     if fams:
         names = list(fams)
         fig, ax = plt.subplots(figsize=(max(6, 0.3 * len(names)), 3.4))
@@ -91,13 +91,13 @@ def report(model: nn.Module, example_inputs: Mapping[str, Any], out_dir: str, *,
     """
     os.makedirs(out_dir, exist_ok=True)
     stats = model_stats(model, example_inputs, reference=reference)
-    arch = getattr(model, ARCH_ATTR, None)
+    arch = CompressedArch.of(model)
     files = _plots(stats, arch, out_dir)
     md = [f"# {title or 'GETA compression report'}", "", format_stats_table(stats), ""]
     if eval_results:
         md += ["| evaluation | value |", "|---|---:|"]
         md += [f"| {k} | {v:.4g} |" for k, v in eval_results.items()] + [""]
-    fams = (arch or {}).get("families", {})
+    fams = arch.families if arch is not None else {}
     if fams:
         md += ["## Units kept per layer", "", "| family | kind | kept | of |", "|---|---|---:|---:|"]
         md += [f"| {n} | {f['kind']} | {len(f['kept'])} | {f['units']} |" for n, f in fams.items()]

@@ -9,7 +9,6 @@ architecture is recorded on the model (``model.geta_arch``) so that it can be sa
 
 from __future__ import annotations
 
-import copy
 import fnmatch
 import logging
 from collections import defaultdict
@@ -21,44 +20,20 @@ from torch import nn
 from ..graph.qadg import QADG, Family
 from ..quant.layers import QuantLayerMixin
 from ..quant.prepare import input_quantizers_disabled
-from ..registry import linear_type_of, shape_attributes
+from ..registry import shape_attributes
 from .packed import pack_layer
+from ..surgery import (ARCH_ATTR, CompressedArch, Journal, own_config, param_owners,
+                      set_submodule, sync_shape_attrs)
 
-__all__ = ["compress_model", "CompressionError", "ARCH_ATTR", "apply_module_attrs",
-           "sync_shape_attrs"]
+__all__ = ["compress_model", "CompressionError"]
 
 logger = logging.getLogger(__name__)
 
-#: attribute of a compressed model holding its per-layer architecture (JSON-serialisable)
-ARCH_ATTR = "geta_arch"
 
 
 
 class CompressionError(RuntimeError):
     """The compressed model does not reproduce the zeroed model; the message says where."""
-
-
-_ABSENT = object()
-
-
-class _Journal:
-    """Attribute assignments that can be undone, newest first (compress_model's rollback)."""
-
-    def __init__(self) -> None:
-        self._undo: List[Tuple[Any, str, Any]] = []
-
-    def set(self, obj: Any, name: str, value: Any) -> None:
-        self._undo.append((obj, name, getattr(obj, name, _ABSENT)))
-        setattr(obj, name, value)
-
-    def rollback(self) -> None:
-        for obj, name, old in reversed(self._undo):
-            if old is _ABSENT:
-                if hasattr(obj, name):
-                    delattr(obj, name)
-            else:
-                setattr(obj, name, old)
-        self._undo.clear()
 
 
 def _check_finite(model: nn.Module) -> None:
@@ -82,37 +57,6 @@ def _kept_units(f: Family, norms: torch.Tensor) -> torch.Tensor:
         logger.warning("geta_hf: family %s has only %d non-zero unit(s); keeping %d", f.name,
                        int((norms != 0).sum()), floor)
     return keep
-
-
-def _owners(model: nn.Module) -> Dict[int, List[Tuple[nn.Module, str]]]:
-    """id(parameter) -> every (module, attribute) that holds it (tied weights included)."""
-    out: Dict[int, List[Tuple[nn.Module, str]]] = defaultdict(list)
-    for _, mod in model.named_modules(remove_duplicate=False):
-        for leaf, p in mod.named_parameters(recurse=False):
-            if (mod, leaf) not in out[id(p)]:
-                out[id(p)].append((mod, leaf))
-    return out
-
-
-def sync_shape_attrs(mod: nn.Module, journal: Optional["_Journal"] = None) -> None:
-    """Set a resized layer's size attributes from its weight (a registered linear type's
-    in/out attributes, ``nn.Embedding``'s sizes); through ``journal`` when given (undoable)."""
-    w = getattr(mod, "weight", None)
-    kind = linear_type_of(mod)
-    if not isinstance(w, torch.Tensor) or w.dim() != 2:
-        return
-    if kind is not None:
-        n_in, n_out = kind.io(w.shape)
-        pairs = ((kind.out_attr, n_out), (kind.in_attr, n_in))
-    elif isinstance(mod, nn.Embedding):
-        pairs = (("num_embeddings", w.shape[0]), ("embedding_dim", w.shape[1]))
-    else:
-        return
-    for name, value in pairs:
-        if journal is not None:
-            journal.set(mod, name, int(value))
-        else:
-            setattr(mod, name, int(value))
 
 
 def _attention_modules(model: nn.Module, f: Family) -> List[Tuple[str, nn.Module]]:
@@ -146,7 +90,7 @@ def _head_updates(f: Family, kept: int) -> Dict[int, int]:
 
 
 def _update_attrs(obj: Any, updates: Dict[str, Dict[int, int]], changed: Dict[str, int],
-                  journal: Optional["_Journal"] = None) -> None:
+                  journal: Optional[Journal] = None) -> None:
     for kind, names in shape_attributes().items():
         for name in names:
             v = getattr(obj, name, None)
@@ -156,20 +100,6 @@ def _update_attrs(obj: Any, updates: Dict[str, Dict[int, int]], changed: Dict[st
                 else:
                     setattr(obj, name, updates[kind][v])
                 changed[name] = updates[kind][v]
-
-
-def apply_module_attrs(model: nn.Module, module_attrs: Mapping[str, Mapping[str, Any]]) -> None:
-    """Re-apply recorded attribute changes (``{module: {attr or "config.attr": value}}``)."""
-    for mname, attrs in module_attrs.items():
-        mod = model.get_submodule(mname)
-        for key, value in attrs.items():
-            if key.startswith("config."):
-                if not getattr(mod, "_geta_own_config", False):
-                    mod.config = copy.copy(mod.config)
-                    mod._geta_own_config = True
-                setattr(mod.config, key[len("config."):], value)
-            else:
-                setattr(mod, key, value)
 
 
 def _outputs(model: nn.Module, inputs: Mapping[str, Any]) -> List[torch.Tensor]:
@@ -208,7 +138,7 @@ def compress_model(model: nn.Module, qadg: QADG, *, pack: bool = True,
     modules, parameters (the same tensors, untouched) and attributes, is not marked compressed,
     and ``compress_model`` can be called again once the cause is fixed.
     """
-    if getattr(model, ARCH_ATTR, None) is not None and getattr(model, ARCH_ATTR).get("compressed"):
+    if CompressedArch.of(model) is not None:
         raise ValueError("compress_model: this model is already compressed")
     params = dict(model.named_parameters())
     missing = [p for f in qadg.families for p in f.params if p not in params]
@@ -218,7 +148,7 @@ def compress_model(model: nn.Module, qadg: QADG, *, pack: bool = True,
     _check_finite(model)
     inputs = example_inputs if example_inputs is not None else qadg.example_inputs
     was_training = model.training
-    journal = _Journal()
+    journal = Journal()
     try:
         model.eval()
         reference = _outputs(model, inputs) if (verify and inputs is not None) else None
@@ -235,7 +165,7 @@ def compress_model(model: nn.Module, qadg: QADG, *, pack: bool = True,
 
 
 def _compress(model: nn.Module, qadg: QADG, params: Dict[str, nn.Parameter], pack: bool,
-              journal: _Journal) -> Dict[str, Any]:
+              journal: Journal) -> Dict[str, Any]:
     """Slice the zeroed units out and pack the quantized layers, recording every change in
     ``journal``; returns the architecture record (``model.geta_arch``)."""
     norms = qadg.group_norms(model)
@@ -259,13 +189,11 @@ def _compress(model: nn.Module, qadg: QADG, params: Dict[str, nn.Parameter], pac
                 module_attrs[mname].update(changed)
                 cfg = getattr(mod, "config", None)
                 if cfg is not None and hasattr(cfg, "to_dict"):
-                    if not getattr(mod, "_geta_own_config", False):
-                        journal.set(mod, "config", copy.copy(cfg))  # the shared config stays as is
-                        journal.set(mod, "_geta_own_config", True)
+                    own_config(mod, journal)  # a config shared with other layers stays as is
                     changed = {}
                     _update_attrs(mod.config, updates, changed, journal)
                     module_attrs[mname].update({f"config.{k}": v for k, v in changed.items()})
-    owners = _owners(model)
+    owners = param_owners(model)
     touched = []
     for name, cuts in slices.items():
         p = params[name]
@@ -287,16 +215,13 @@ def _compress(model: nn.Module, qadg: QADG, params: Dict[str, nn.Parameter], pac
                     new = pack_layer(mod)
                 except ValueError as e:
                     raise ValueError(f"compress_model: layer {name!r}: {e}") from e
-                parent, _, leaf = name.rpartition(".")
-                journal.set(model.get_submodule(parent) if parent else model, leaf, new)
+                set_submodule(model, name, new, journal)
                 packed_layers[name] = new.weight_bits
-    return {
-        "compressed": True,
-        "families": families,
-        "param_shapes": {n: list(p.shape) for n, p in model.named_parameters()},
-        "module_attrs": {k: v for k, v in module_attrs.items() if v},
-        "packed_layers": packed_layers,
-    }
+    return CompressedArch(
+        families=families,
+        param_shapes={n: list(p.shape) for n, p in model.named_parameters()},
+        module_attrs={k: v for k, v in module_attrs.items() if v},
+        packed_layers=packed_layers).to_dict()
 
 
 def _verify(model: nn.Module, inputs: Mapping[str, Any], reference: List[torch.Tensor],

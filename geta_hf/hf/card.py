@@ -10,7 +10,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from torch import nn
 
 from ..compress.report import format_stats_table
-from ..compress.subnet import ARCH_ATTR
+from ..surgery import CompressedArch
 
 __all__ = ["model_card", "GETA_TAGS", "task_of"]
 
@@ -57,7 +57,7 @@ def _card_data(model: nn.Module, base: Optional[str], eval_results, dataset, lic
 
 
 def _body(model: nn.Module, base: str, stats, eval_results, geta_config) -> List[str]:
-    arch = getattr(model, ARCH_ATTR, {}) or {}
+    arch = CompressedArch.of(model) or CompressedArch()
     cls = type(model).__name__
     lines = [f"# {cls} compressed with GETA", "",
              f"Base model: `{base}`. Task head: `{cls}`. This checkpoint was pruned (whole "
@@ -70,13 +70,13 @@ def _body(model: nn.Module, base: str, stats, eval_results, geta_config) -> List
              "model = AutoModel.from_pretrained(\"<this folder or repo>\")", "```", ""]
     if stats:
         lines += ["## Compression", "", format_stats_table(stats), ""]
-    fams = arch.get("families", {})
+    fams = arch.families
     if fams:
         lines += ["## Heads and channels kept", "", "| family | kind | kept | of |",
                   "|---|---|---:|---:|"]
         lines += [f"| {n} | {f['kind']} | {len(f['kept'])} | {f['units']} |" for n, f in fams.items()]
         lines.append("")
-    packed = arch.get("packed_layers", {})
+    packed = arch.packed_layers
     if packed:
         lines += ["## Weight bits per layer", "", "| layer | bits |", "|---|---:|"]
         lines += [f"| {n} | {b} |" for n, b in packed.items()] + [""]

@@ -30,7 +30,7 @@ from transformers.quantizers import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..compress.packed import PackedQuantLinear
-from ..compress.subnet import ARCH_ATTR, apply_module_attrs, sync_shape_attrs
+from ..surgery import ARCH_ATTR, CompressedArch, apply_module_attrs, resize_parameters, set_submodule
 from ..quant.quantizer import GETAQuantizer
 from ..registry import shape_attribute_names
 
@@ -191,8 +191,8 @@ def _check_layer(name: str, spec: Any) -> None:
 def quantization_config_from_model(model: nn.Module, geta_config: Optional[dict] = None,
                                    base_model: Optional[str] = None) -> GETAQuantizationConfig:
     """Describe a compressed model (see :func:`geta_hf.compress_model`) as a quantization config."""
-    arch = getattr(model, ARCH_ATTR, None)
-    if not arch or not arch.get("compressed"):
+    arch = CompressedArch.of(model)
+    if arch is None:
         raise ValueError("the model is not compressed: call geta_hf.compress_model(model, qadg) first")
     layers = {}
     for name, m in model.named_modules():
@@ -216,39 +216,12 @@ def quantization_config_from_model(model: nn.Module, geta_config: Optional[dict]
         base_model = base_model if base_model is not None else old.base_model
     return GETAQuantizationConfig(
         layers=layers,
-        architecture={"families": arch.get("families", {}), "param_shapes": arch.get("param_shapes", {}),
-                      "module_attrs": arch.get("module_attrs", {})},
+        architecture={"families": arch.families, "param_shapes": arch.param_shapes,
+                      "module_attrs": arch.module_attrs},
         geta_config=geta_config, base_model=base_model)
 
 
 # ---------------------------------------------------------------------------- skeleton surgery
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, leaf, new)
-
-
-def _resize_parameters(model: nn.Module, shapes: Mapping[str, list]) -> None:
-    owners: Dict[int, list] = {}
-    for _, mod in model.named_modules(remove_duplicate=False):
-        for leaf, p in mod.named_parameters(recurse=False):
-            owners.setdefault(id(p), []).append((mod, leaf))
-    params = dict(model.named_parameters())
-    for name, shape in shapes.items():
-        p = params.get(name)
-        if p is None:
-            continue  # a quantized layer's weight: replaced by PackedQuantLinear below
-        if list(p.shape) == list(shape):
-            continue
-        if len(shape) != p.dim():
-            raise CheckpointError(f"quantization_config.architecture.param_shapes[{name!r}]: "
-                                  f"{shape} does not match the parameter's rank ({p.dim()})")
-        new = nn.Parameter(torch.empty(shape, dtype=p.dtype, device=p.device),
-                           requires_grad=p.requires_grad)
-        for mod, leaf in owners[id(p)]:
-            setattr(mod, leaf, new)
-            sync_shape_attrs(mod)
-
-
 def _packed_skeleton(spec: Mapping[str, Any], dtype, device) -> PackedQuantLinear:
     act = None
     if spec["act"] is not None:
@@ -261,10 +234,13 @@ def _packed_skeleton(spec: Mapping[str, Any], dtype, device) -> PackedQuantLinea
 
 def build_compressed_skeleton(model: nn.Module, qcfg: GETAQuantizationConfig) -> nn.Module:
     """Resize and replace ``model``'s modules (usually on the meta device) per ``qcfg``."""
-    arch = qcfg.architecture
-    _resize_parameters(model, arch.get("param_shapes", {}))
     try:
-        apply_module_attrs(model, arch.get("module_attrs", {}))
+        arch = CompressedArch.from_dict(qcfg.architecture)
+        resize_parameters(model, arch.param_shapes)
+    except ValueError as e:
+        raise CheckpointError(f"quantization_config.architecture.{e}") from e
+    try:
+        apply_module_attrs(model, arch.module_attrs)
     except AttributeError as e:
         raise CheckpointError(f"quantization_config.architecture.module_attrs: {e}") from e
     mods = dict(model.named_modules())
@@ -276,11 +252,9 @@ def build_compressed_skeleton(model: nn.Module, qcfg: GETAQuantizationConfig) ->
         w = getattr(old, "weight", None)
         device = w.device if isinstance(w, torch.Tensor) else torch.device("cpu")
         dtype = w.dtype if isinstance(w, torch.Tensor) and w.is_floating_point() else torch.float32
-        _set_module(model, name, _packed_skeleton(spec, dtype, device))
-    setattr(model, ARCH_ATTR, {"compressed": True, "families": arch.get("families", {}),
-                               "param_shapes": arch.get("param_shapes", {}),
-                               "module_attrs": arch.get("module_attrs", {}),
-                               "packed_layers": {n: s["weight_bits"] for n, s in qcfg.layers.items()}})
+        set_submodule(model, name, _packed_skeleton(spec, dtype, device))
+    arch.packed_layers = {n: s["weight_bits"] for n, s in qcfg.layers.items()}
+    setattr(model, ARCH_ATTR, arch.to_dict())
     return model
 
 

@@ -11,7 +11,7 @@ from typing import Any, Mapping, Optional
 
 from torch import nn
 
-from ..compress.subnet import ARCH_ATTR
+from ..surgery import CompressedArch
 from ..compress.subnet import compress_model as _core_compress
 from .card import model_card
 from .hub import bind_push_to_hub
@@ -80,8 +80,7 @@ def save_compressed(model: nn.Module, save_directory: str, *, processing_class=N
     :class:`SaveRollbackError` names. A failure to remove a temporary folder after the save is
     logged as a warning naming it. With ``example_inputs`` the card includes MACs and BOPs.
     """
-    arch = getattr(model, ARCH_ATTR, None)
-    if not arch or not arch.get("compressed"):
+    if CompressedArch.of(model) is None:
         raise ValueError("save_compressed: the model is not compressed; call "
                          "geta_hf.compress_model(model, qadg) (or trainer.save_compressed) first")
     if not hasattr(model, "save_pretrained"):

@@ -13,6 +13,7 @@ from torch import nn
 from ..config import GETAConfig
 from .quantizer import GETAQuantizer
 from ..registry import float_linear_types, linear_type_of
+from ..surgery import set_submodule
 from .layers import QuantLayerMixin, quant_layers
 
 __all__ = ["prepare_model", "calibrate_activations", "quantization_bypassed",
@@ -87,12 +88,6 @@ def _select_layers(model: nn.Module, cfg: GETAConfig):
     return chosen, frozen
 
 
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
-
-
 def prepare_model(model: nn.Module, cfg: GETAConfig,
                   calibration_data: Optional[Iterable] = None) -> nn.Module:
     """Insert GETA fake quantizers into ``model`` (in place) and return it.
@@ -141,7 +136,7 @@ def prepare_model(model: nn.Module, cfg: GETAConfig,
             mod, nonlinear=cfg.nonlinear, quantize_input=cfg.quantize_activations)
         with torch.no_grad():
             new.weight_quantizer.init_range(mod.weight.detach().abs().amax().float(), w_bits)
-        _set_submodule(model, name, new)
+        set_submodule(model, name, new)
     setattr(model, QUANT_SPEC_ATTR, spec)
     if cfg.quantize_activations and calibration_data is not None:
         calibrate_activations(model, calibration_data, cfg)
