@@ -1,7 +1,6 @@
 """geta_hf.surgery: the model surgery shared by quantizer insertion, compression and loading."""
 
 import pytest
-import torch
 from torch import nn
 
 from geta_hf.surgery import (ARCH_ATTR, CompressedArch, Journal, apply_module_attrs, param_owners,

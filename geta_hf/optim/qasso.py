@@ -44,7 +44,7 @@ from __future__ import annotations
 import logging
 import math
 from numbers import Real
-from typing import Dict, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 from torch import nn
