@@ -100,6 +100,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``geta-hf`` argument parser (sub-commands ``demo`` and ``report``)."""
     ap = argparse.ArgumentParser(
         prog="geta-hf",
         description="GETA for Hugging Face Transformers: joint structured pruning and "
@@ -129,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the ``geta-hf`` command; returns the process exit code."""
     ap = build_parser()
     args = ap.parse_args(argv)
     if not getattr(args, "func", None):

@@ -83,21 +83,26 @@ class Schedule:
 
     @property
     def warmup_steps(self) -> int:
+        """Number of warm-up steps."""
         return self.warmup_end
 
     @property
     def projection_steps(self) -> int:
+        """Number of projection-stage steps."""
         return self.projection_end - self.warmup_end
 
     @property
     def joint_steps(self) -> int:
+        """Number of joint-stage steps."""
         return self.joint_end - self.projection_end
 
     @property
     def cooldown_steps(self) -> int:
+        """Number of cool-down steps."""
         return self.total_steps - self.joint_end
 
     def stage(self, step: int) -> str:
+        """Stage name of 0-based step ``step``: warmup, projection, joint or cooldown."""
         if step < self.warmup_end:
             return "warmup"
         if step < self.projection_end:
@@ -330,10 +335,12 @@ class GETAConfig:
     # ------------------------------------------------------------------ derived values
     @property
     def nonlinear(self) -> bool:
+        """Whether the quantizer has the learned exponent ``t``."""
         return self.quantizer == "nonlinear"
 
     @property
     def quantize_activations(self) -> bool:
+        """Whether layer inputs are quantized too."""
         return self.activation_bits is not None
 
     def resolve_schedule(self, total_steps: int) -> Schedule:
@@ -371,6 +378,7 @@ class GETAConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "GETAConfig":
+        """Inverse of :meth:`to_dict` (validated); unknown keys raise ``ValueError``."""
         if not isinstance(data, dict):
             raise ValueError(f"GETAConfig.from_dict: expected a dict, got {type(data).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
@@ -380,6 +388,7 @@ class GETAConfig:
         return cls(**data)  # lists become tuples in __post_init__
 
     def to_json(self) -> str:
+        """The config as a JSON string (sorted keys)."""
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod

@@ -49,6 +49,7 @@ class DemoSettings:
 
     @classmethod
     def quick(cls) -> "DemoSettings":
+        """A tiny configuration for tests (seconds, not minutes)."""
         return cls(num_train=96, num_eval=48, steps=10, latency_batch=4)
 
 

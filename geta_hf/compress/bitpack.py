@@ -17,6 +17,7 @@ _CHUNK = 1 << 20  # codes per chunk; a multiple of 8
 
 
 def packed_nbytes(numel: int, bits: int) -> int:
+    """Bytes needed to store ``numel`` codes of ``bits`` bits each, packed."""
     return (int(numel) * int(bits) + 7) // 8
 
 

@@ -84,6 +84,7 @@ class PackedQuantLinear(nn.Module):
 
     @torch.no_grad()
     def set_codes(self, codes: torch.Tensor) -> None:
+        """Replace the integer weight codes (shape ``(out, in)``); they are packed at ``weight_bits``."""
         if tuple(codes.shape) != (self.out_features, self.in_features):
             raise ValueError(f"set_codes: expected shape {(self.out_features, self.in_features)}, "
                              f"got {tuple(codes.shape)}")
@@ -91,10 +92,12 @@ class PackedQuantLinear(nn.Module):
         self._drop_caches()
 
     def dequantized_weight(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """The weight the codes stand for, ``codes x weight_scale``, in ``dtype``."""
         dtype = dtype or self.compute_dtype
         return self.codes().to(dtype) * self.weight_scale.to(dtype)
 
     def train(self, mode: bool = True):
+        """``nn.Module.train``; entering training drops the cached unpacked weights."""
         if mode:  # training may change the scales; eval() after it rebuilds the cache lazily
             self._drop_caches()
         return super().train(mode)
@@ -162,6 +165,7 @@ class PackedQuantLinear(nn.Module):
         return "float"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ W^T + b`` on the integer path when it applies (see the class docstring), else in float."""
         if self.integer_kernels and not self.training and self._act_quantizing() \
                 and not torch.compiler.is_compiling() \
                 and int_mm_supported(x.numel() // max(1, x.shape[-1]), self.in_features,
@@ -183,6 +187,7 @@ class PackedQuantLinear(nn.Module):
         return F.linear(x, w, self.bias)
 
     def extra_repr(self) -> str:
+        """Sizes and weight bits, for ``print(model)``."""
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, weight_bits={self.weight_bits}")
 

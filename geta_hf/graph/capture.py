@@ -20,6 +20,8 @@ class GraphCaptureError(ValueError):
 
 @dataclass
 class CapturedGraph:
+    """A model captured with ``torch.export``, with its placeholders mapped to parameter names."""
+
     program: "torch.export.ExportedProgram"
     #: placeholder name -> canonical parameter name (first name in ``model.named_parameters()``)
     param_of: Dict[str, str]

@@ -102,15 +102,18 @@ class Propagator:
 
     # ------------------------------------------------------------------ helpers
     def fresh(self, shape: Sequence[int], pin: Optional[str] = None, tag: Optional[str] = None) -> Dims:
+        """New independent index spaces, one per dimension of size > 1."""
         return [[self.S.new(s, pin=pin, tag=tag)] if s > 1 else [] for s in shape]
 
     def D(self, node) -> Dims:
+        """The index spaces of a tensor-valued node (``KeyError`` if it has none)."""
         d = self.dims.get(node)
         if d is None or (isinstance(d, tuple) and d and d[0] == "tuple"):
             raise KeyError(node)
         return d
 
     def tensor_args(self, node: fx.Node) -> List[fx.Node]:
+        """The node's tensor arguments that carry index spaces, flattened in order."""
         out: List[fx.Node] = []
 
         def visit(a):
@@ -128,6 +131,7 @@ class Propagator:
         return out
 
     def pin_node(self, node: fx.Node, reason: str) -> None:
+        """Make every index space of ``node``'s output unprunable, recording ``reason``."""
         d = self.dims.get(node)
         if d is None:
             return
@@ -147,6 +151,7 @@ class Propagator:
 
     def broadcast_into(self, out: List[Optional[List[int]]], out_shape: Sequence[int],
                        in_dims: Dims, in_shape: Sequence[int]) -> None:
+        """Merge an input's spaces into the output's under broadcasting (size-1 dims skipped)."""
         off = len(out_shape) - len(in_shape)
         for k, s in enumerate(in_shape):
             j = k + off
@@ -158,11 +163,13 @@ class Propagator:
                 self.S.align(out[j], in_dims[k])
 
     def finish(self, out: List[Optional[List[int]]], shape: Sequence[int], tag: str) -> Dims:
+        """Output spaces: the merged ones, and fresh spaces tagged ``tag`` where none was set."""
         return [d if d is not None else ([self.S.new(s, tag=tag)] if s > 1 else [])
                 for d, s in zip(out, shape)]
 
     # ------------------------------------------------------------------ driver
     def run(self) -> "Propagator":
+        """Propagate index spaces through every node of the graph; returns ``self``."""
         for node in self.graph.nodes:
             if node.op == "placeholder":
                 self._placeholder(node)

@@ -50,14 +50,17 @@ class Member:
 
     @property
     def width(self) -> int:
+        """Entries of the member's dimension owned by one unit."""
         return int(self.index.shape[1])
 
     @property
     def module(self) -> str:
+        """Name of the module that holds the parameter."""
         return self.param.rpartition(".")[0]
 
     @property
     def params_per_unit(self) -> int:
+        """Parameter entries one unit owns in this member."""
         return self.width * (self.numel // self.size)
 
     @property
@@ -86,14 +89,17 @@ class Family:
 
     @property
     def params(self) -> List[str]:
+        """Names of the parameters of the family's members and consumers."""
         return [m.param for m in self.members + self.consumers]
 
     @property
     def params_per_unit(self) -> int:
+        """Parameter entries one unit owns, members and consumers together."""
         return sum(m.params_per_unit for m in self.members + self.consumers)
 
     @property
     def group_params_per_unit(self) -> int:
+        """Parameter entries one unit owns in its members (the slices QASSO scores and forgets)."""
         return sum(m.params_per_unit for m in self.members)
 
 
@@ -127,6 +133,7 @@ class QADG:
 
     @property
     def families(self) -> List[Family]:
+        """The prunable families, in global unit order (a copy of the list)."""
         return list(self._families)
 
     @property
@@ -135,6 +142,7 @@ class QADG:
         return self._num_groups
 
     def family(self, name: str) -> Family:
+        """The family named ``name`` (``KeyError`` naming the ones that exist)."""
         for f in self._families:
             if f.name == name:
                 return f

@@ -39,6 +39,7 @@ class SpaceAlgebra:
 
     # ------------------------------------------------------------------ basics
     def new(self, size: int, pin: Optional[str] = None, tag: Optional[str] = None) -> int:
+        """A new index space of ``size`` entries (optionally pinned or tagged); returns its id."""
         i = len(self.parent)
         self.parent.append(i)
         self.size.append(int(size))
@@ -49,6 +50,7 @@ class SpaceAlgebra:
         return i
 
     def find(self, a: int) -> int:
+        """Representative of ``a``'s union-find class (with path compression)."""
         root = a
         while self.parent[root] != root:
             root = self.parent[root]
@@ -57,16 +59,20 @@ class SpaceAlgebra:
         return root
 
     def children(self, a: int) -> Tuple[int, ...]:
+        """The parts ``a`` was split into, or ``()``."""
         sp = self.split.get(self.find(a))
         return sp[1] if sp else ()
 
     def is_pinned(self, a: int) -> bool:
+        """Whether ``a``'s class is unprunable."""
         return self.find(a) in self.pinned
 
     def pin_reason(self, a: int) -> Optional[str]:
+        """Why ``a``'s class is unprunable, or ``None``."""
         return self.pinned.get(self.find(a))
 
     def has_tag(self, a: int, tag: str) -> bool:
+        """Whether ``a``'s class carries ``tag``."""
         return tag in self.tags.get(self.find(a), ())
 
     def pin(self, a: int, reason: str) -> None:
@@ -80,6 +86,7 @@ class SpaceAlgebra:
             stack.extend(self.children(r))
 
     def pin_all(self, atoms: Sequence[int], reason: str) -> None:
+        """Pin every space in ``atoms`` with ``reason``."""
         for a in atoms:
             self.pin(a, reason)
 
@@ -95,9 +102,11 @@ class SpaceAlgebra:
         return kids
 
     def refine_prod(self, a: int, sizes: Sequence[int]) -> List[int]:
+        """Split ``a`` as a product (outer x inner, e.g. heads x head_dim); returns the parts."""
         return self._refine(a, sizes, PROD)
 
     def refine_cat(self, a: int, sizes: Sequence[int]) -> List[int]:
+        """Split ``a`` as a concatenation of ``sizes`` (e.g. a fused q/k/v); returns the parts."""
         return self._refine(a, sizes, CAT)
 
     # ------------------------------------------------------------------ unification

@@ -36,6 +36,7 @@ class QuantConv1D(QuantLayerMixin, Conv1D):
         return cls.wrap(conv, ("nf", "nx"), nonlinear=nonlinear, quantize_input=quantize_input)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """GPT-2's ``Conv1D`` (``x @ W + b``) with the quantized input and weight."""
         x, w = self._quant_inputs(x)
         size_out = x.size()[:-1] + (self.nf,)
         out = torch.addmm(self.bias, x.view(-1, x.size(-1)), w)
@@ -45,6 +46,7 @@ class QuantConv1D(QuantLayerMixin, Conv1D):
         return nn.Module.__repr__(self)
 
     def extra_repr(self) -> str:
+        """Sizes, for ``print(model)``."""
         return f"nf={self.nf}, nx={self.nx}"
 
 

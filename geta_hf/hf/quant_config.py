@@ -69,6 +69,7 @@ class GETAQuantizationConfig(QuantizationConfigMixin):
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
+        """Check every field; :class:`CheckpointError` names the first malformed one."""
         if not _is_int(self.format_version) or self.format_version not in READABLE_VERSIONS:
             raise CheckpointError(
                 f"quantization_config.format_version: got {self.format_version!r}; this geta-hf "
@@ -105,6 +106,7 @@ class GETAQuantizationConfig(QuantizationConfigMixin):
                                       "expected {kind, layer, units, kept: [unit ids < units]}")
 
     def to_dict(self) -> Dict[str, Any]:
+        """JSON-safe dict written to ``config.json`` (deep copies)."""
         return {"quant_method": self.quant_method, "format_version": self.format_version,
                 "layers": copy.deepcopy(self.layers), "architecture": copy.deepcopy(self.architecture),
                 "geta_config": copy.deepcopy(self.geta_config), "base_model": self.base_model}

@@ -46,6 +46,7 @@ class GETAHfQuantizer(HfQuantizer):
         super().__init__(quantization_config, **kwargs)
 
     def validate_environment(self, *args, **kwargs) -> None:
+        """Validate the config; the method only loads pre-quantized (compressed) checkpoints."""
         self.quantization_config.validate()
         if not self.pre_quantized:
             raise CheckpointError("the geta method loads GETA-compressed checkpoints; to compress a "
@@ -72,6 +73,7 @@ class GETAHfQuantizer(HfQuantizer):
         return model
 
     def get_state_dict_and_metadata(self, model):
+        """Refresh the config from the live model and record the tensors' integrity metadata."""
         from .integrity import RECORD_KEY, checkpoint_record
 
         # refresh the config from the live model, so learned input ranges saved after further
@@ -82,14 +84,17 @@ class GETAHfQuantizer(HfQuantizer):
         return None, {RECORD_KEY: checkpoint_record(model, fresh)}
 
     def is_serializable(self, *args, **kwargs) -> bool:
+        """GETA models save with ``save_pretrained``."""
         return True
 
     @property
     def is_trainable(self) -> bool:
+        """A loaded compressed model can be fine-tuned (float path under autograd)."""
         return True
 
     @property
     def is_qat_trainable(self) -> bool:
+        """Quantization-aware fine-tuning of a loaded model is supported."""
         return True
 
 

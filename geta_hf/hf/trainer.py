@@ -70,6 +70,7 @@ class GETACallback(TrainerCallback):
         self.last_stage: Optional[str] = None
 
     def on_step_end(self, args, state, control, **kwargs):
+        """Ask for a log line when QASSO's stage changes."""
         opt = self.trainer.geta_optimizer
         if opt is None:
             return control
@@ -226,10 +227,12 @@ class GETATrainer(DistillationTrainer):
                            self._geta_step_offset)
 
     def create_optimizer_and_scheduler(self, num_training_steps: int) -> None:
+        """Remember the run's step count (QASSO's schedule needs it), then the Trainer's own."""
         self._geta_total_steps = int(num_training_steps)
         super().create_optimizer_and_scheduler(num_training_steps)
 
     def create_optimizer(self, model=None):
+        """Build :class:`geta_hf.QASSO` over the model's parameters (once)."""
         if self.optimizer is None:
             from ..optim import QASSO
 
@@ -280,6 +283,7 @@ class GETATrainer(DistillationTrainer):
         return out
 
     def log(self, logs: Dict[str, float], *args, **kwargs) -> None:
+        """The Trainer's log, with GETA's metrics added to training-loss entries."""
         if any(k in logs for k in ("loss", "train_loss")):
             logs = {**logs, **self.geta_metrics()}
         super().log(logs, *args, **kwargs)

@@ -185,6 +185,7 @@ class BitController:
         return out
 
     def set_frozen(self, bits: Optional[torch.Tensor]) -> None:
+        """Freeze the bits to ``bits`` (one per quantizer), or unfreeze with ``None``."""
         self.frozen_bits = bits
         self._frozen_den = None if bits is None else torch.exp2(bits - 1.0) - 1.0
 

@@ -98,12 +98,14 @@ class QuantTable:
 
     @property
     def params(self) -> List[torch.Tensor]:
+        """Every quantizer scalar parameter (``d``, ``q_m``, ``t``)."""
         out = []
         for q in self.quantizers:
             out.extend(p for p in q.parameters())
         return out
 
     def stacked(self):
+        """``(d, q_m, t)`` of all quantizers as detached 1-D tensors (``t`` None if linear)."""
         d = torch.stack([p.detach() for p in self.d])
         q_m = torch.stack([p.detach() for p in self.q_m])
         t = torch.stack([p.detach() for p in self.t]) if self.nonlinear else None
@@ -118,6 +120,7 @@ class QuantTable:
         return a.clamp_min(EPS)
 
     def write_d(self, values: torch.Tensor) -> None:
+        """Write one ``d`` per quantizer from a 1-D tensor."""
         with torch.no_grad():
             torch._foreach_copy_(self.d, list(values.to(self.d[0].dtype).unbind(0)))
 
@@ -203,6 +206,7 @@ class ActiveLayout:
 
     @property
     def empty(self) -> bool:
+        """Whether the layout has no rows."""
         return not self.slots
 
     def gather(self, source: Optional[Dict[int, torch.Tensor]] = None) -> List[torch.Tensor]:

@@ -119,10 +119,12 @@ class PruningController:
 
     @budget_bound_steps.setter
     def budget_bound_steps(self, value: int) -> None:
+        """Set the counter (checkpoint loading)."""
         self._bound_steps = torch.tensor(int(value), dtype=torch.long)
 
     @property
     def device(self) -> torch.device:
+        """Device of the member parameters."""
         return self.members[0].param.device if self.members else torch.device("cpu")
 
     def max_prunable(self) -> int:
@@ -249,6 +251,7 @@ class PruningController:
         return UnitStats(sq_x=sq_x, sq_g=sq_g, dot=dot, numel=self.unit_numel)
 
     def set_active(self, ids: Sequence[int]) -> None:
+        """Make ``ids`` the units being forgotten in this period (builds their row layout)."""
         self.active = sorted(int(i) for i in ids)
         if not self.active:
             self.layout = None
@@ -267,12 +270,14 @@ class PruningController:
         self.set_active([])
 
     def set_pruned(self, ids: Sequence[int]) -> None:
+        """Set the committed units to exactly ``ids`` (checkpoint loading)."""
         self.pruned = torch.zeros(self.qadg.num_groups, dtype=torch.bool)
         if ids:
             self.pruned[torch.tensor(list(ids), dtype=torch.long)] = True
         self.rebuild_pruned_rows()
 
     def rebuild_pruned_rows(self) -> None:
+        """Recompute the rows that :meth:`zero_pruned` sets to zero."""
         ids = torch.nonzero(self.pruned).reshape(-1)
         rows = []
         if ids.numel():
@@ -284,6 +289,7 @@ class PruningController:
         self._pruned_rows = rows
 
     def zero_pruned(self) -> None:
+        """Set every committed unit's member rows to exactly zero."""
         for p, dim, rows in self._pruned_rows:
             p.index_fill_(dim, rows, 0.0)
 

@@ -35,6 +35,8 @@ def target_units(target_group_sparsity: float, num_groups: int) -> int:
 
 @dataclass(frozen=True)
 class StagePlan:
+    """Stages, bit bounds and pruning periods of one run, as pure functions of the step."""
+
     schedule: Schedule
     projection_periods: int
     requested_pruning_periods: int
@@ -46,6 +48,7 @@ class StagePlan:
 
     @classmethod
     def from_config(cls, cfg: GETAConfig, total_steps: int, num_groups: int) -> "StagePlan":
+        """The plan of ``cfg`` over ``total_steps`` steps on a search space of ``num_groups`` units."""
         act = None if cfg.activation_bits is None else tuple(int(b) for b in cfg.activation_bits)
         return cls(schedule=cfg.resolve_schedule(total_steps),
                    projection_periods=cfg.projection_periods,
@@ -58,6 +61,7 @@ class StagePlan:
     # ------------------------------------------------------------------ stages
     @property
     def total_steps(self) -> int:
+        """Optimizer steps of the run."""
         return self.schedule.total_steps
 
     def stage(self, k: int) -> str:
@@ -80,9 +84,11 @@ class StagePlan:
         return max(b_l, b_u - self.projection_period(k) * self.bit_reduction)
 
     def weight_upper(self, k: int) -> int:
+        """Upper weight-bit bound in force at step ``k``."""
         return self.upper_bits(k, self.weight_bits)
 
     def act_upper(self, k: int) -> Optional[int]:
+        """Upper input-bit bound at step ``k`` (None without input quantization)."""
         return None if self.act_bits is None else self.upper_bits(k, self.act_bits)
 
     # ------------------------------------------------------------------ pruning periods

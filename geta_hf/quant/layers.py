@@ -102,6 +102,7 @@ class QuantLinear(QuantLayerMixin, nn.Linear):
                         quantize_input=quantize_input)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``nn.Linear`` on the quantized input and weight."""
         x, w = self._quant_inputs(x)
         return F.linear(x, w, self.bias)
 
@@ -111,6 +112,7 @@ register_linear_type(nn.Linear, QuantLinear, weight_out_dim=0, in_attr="in_featu
 
 
 def is_quant_layer(module: nn.Module) -> bool:
+    """Whether ``module`` is a GETA quantized layer."""
     return isinstance(module, QuantLayerMixin)
 
 

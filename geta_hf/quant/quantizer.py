@@ -37,6 +37,7 @@ class GETAQuantizer(nn.Module):
 
     @property
     def nonlinear(self) -> bool:
+        """Whether this quantizer has the exponent ``t``."""
         return self.t is not None
 
     @torch.no_grad()
@@ -61,6 +62,7 @@ class GETAQuantizer(nn.Module):
         self.d.copy_(d_for_bits(bits, self.q_m, self.t))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``Q(x)`` (method §1.1); the identity before calibration or when disabled."""
         if not (self.calibrated and self.enabled):
             return x
         return fake_quantize(x, self.d, self.q_m, self.t)
@@ -71,6 +73,7 @@ class GETAQuantizer(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
+        """Kind, bits and ranges, for ``print(model)``."""
         kind = "nonlinear" if self.nonlinear else "linear"
         if not self.calibrated:
             return f"{kind}, uncalibrated"
