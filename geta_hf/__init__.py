@@ -2,7 +2,7 @@
 
 from .compress import CompressionError, export_onnx, model_stats, report, use_integer_kernels
 from .config import GETAConfig
-from .graph import QADG, GraphCaptureError, build_qadg
+from .graph import QADG, GraphCaptureError, build_qadg, register_op
 from .hf import (CheckpointError, DistillationTrainer, GETATrainer, GETATrainingArguments,
                  compress_model, distillation_loss, save_compressed)
 from .optim import QASSO
@@ -15,5 +15,5 @@ __all__ = [
     "GraphCaptureError", "compress_model", "CompressionError", "model_stats", "report",
     "save_compressed", "CheckpointError", "QASSO", "GETATrainer", "GETATrainingArguments",
     "DistillationTrainer", "distillation_loss", "export_onnx", "use_integer_kernels",
-    "__version__",
+    "register_op", "__version__",
 ]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import operator
 from collections import defaultdict
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.fx as fx
@@ -20,7 +20,7 @@ import torch.fx as fx
 from .capture import CapturedGraph
 from .spaces import SpaceAlgebra
 
-__all__ = ["Propagator"]
+__all__ = ["Propagator", "register_op", "OP_RULES"]
 
 aten = torch.ops.aten
 
@@ -224,23 +224,18 @@ class Propagator:
         if pk is None:  # higher-order ops and Python callables
             self._unknown(node)
             return
+        custom = _REGISTERED.get(pk)
+        if custom is not None:  # register_op: the user's rule wins over the built-in one
+            custom(self, node)
+            return
         if pk in _IGNORE:
             return
         shape = _shape(node)
         if pk in _SAME:
-            x = node.args[0]
-            if _shape(x) == shape and x in self.dims:
-                self.dims[node] = self.D(x)
-            elif shape is not None:
-                self._unknown(node)
+            self._same(node)
             return
         if torch.Tag.pointwise in getattr(t, "tags", ()) or pk in _POINTWISE_EXTRA:
-            if shape is None:
-                return
-            out: List[Optional[List[int]]] = [None] * len(shape)
-            for a in self.tensor_args(node):
-                self.broadcast_into(out, shape, self.D(a), _shape(a))
-            self.dims[node] = self.finish(out, shape, tag="broadcast")
+            self._pointwise(node)
             return
         handler = _HANDLERS.get(pk)
         if handler is None:
@@ -251,10 +246,7 @@ class Propagator:
             elif pk in _REDUCE:
                 self._reduce(node)
             elif pk in _ALONG_DIM:
-                x, dim = node.args[0], node.args[1]
-                dims = self.D(x)
-                self.S.pin_all(dims[_norm_dim(dim, len(dims))], f"{pk.__name__} over it")
-                self.dims[node] = dims
+                self._along_dim(node)
             else:
                 self._unknown(node)
             return
@@ -288,6 +280,34 @@ class Propagator:
             self.dims[node] = out
         else:
             self.dims[node] = self._fresh_like(node, pin="reduction output")
+
+    def _along_dim(self, node: fx.Node, dim_arg: int = 1) -> None:
+        """Values are mixed along one dim (softmax, sort): it is pinned, the others pass; a
+        tuple output (values, indices) gets the same spaces for every item."""
+        x = node.args[0]
+        dim = node.args[dim_arg] if len(node.args) > dim_arg else node.kwargs.get("dim", -1)
+        dims = self.D(x)
+        self.S.pin_all(dims[_norm_dim(dim, len(dims))], f"{_packet(node.target).__name__} over it")
+        val = node.meta.get("val")
+        self.dims[node] = ("tuple", [dims for _ in val]) if isinstance(val, (tuple, list)) else dims
+
+    def _same(self, node: fx.Node) -> None:
+        """The output has exactly the first argument's spaces."""
+        x = node.args[0]
+        if _shape(x) == _shape(node) and x in self.dims:
+            self.dims[node] = self.D(x)
+        elif _shape(node) is not None:
+            self._unknown(node)
+
+    def _pointwise(self, node: fx.Node) -> None:
+        """Element-wise with broadcasting: the arguments' spaces merge per output dim."""
+        shape = _shape(node)
+        if shape is None:
+            return
+        out: List[Optional[List[int]]] = [None] * len(shape)
+        for a in self.tensor_args(node):
+            self.broadcast_into(out, shape, self.D(a), _shape(a))
+        self.dims[node] = self.finish(out, shape, tag="broadcast")
 
     def _reshape(self, node: fx.Node) -> None:
         x = node.args[0]
@@ -602,6 +622,56 @@ _HANDLERS = {
 }
 for _op in _RESHAPE:
     _HANDLERS[_op] = Propagator._reshape
+
+
+# ---------------------------------------------------------------------------- extension point
+#: the built-in rules :func:`register_op` accepts by name
+OP_RULES = {
+    "same": Propagator._same,            # output dims = first input's (clone-like)
+    "pointwise": Propagator._pointwise,  # element-wise with broadcasting
+    "along_dim": Propagator._along_dim,  # mixes values along args[1] (softmax, sort, topk)
+    "reshape": Propagator._reshape,      # view/reshape: spaces split and merge with the shape
+    "permute": Propagator._permute,      # reorders dims
+    "unsupported": Propagator._unknown,  # pins every space it touches (the safe default)
+}
+_REGISTERED: Dict[Any, Callable[["Propagator", fx.Node], None]] = {}
+
+
+def register_op(op, rule: Union[str, Callable[["Propagator", fx.Node], None]], *,
+                contracts: Optional[Mapping[int, int]] = None) -> None:
+    """Teach the graph analysis an ATen op it does not know (or override a built-in rule).
+
+    Args:
+        op: the op as it appears in exported graphs, e.g. ``torch.ops.aten.sort`` (an overload
+            packet; an overload such as ``aten.sort.default`` stands for its packet).
+        rule: how index spaces flow from the op's inputs to its outputs: a name in
+            :data:`OP_RULES`, or a function ``rule(propagator, node)`` that sets
+            ``propagator.dims[node]`` from ``propagator.D(arg)`` of its arguments (see
+            :class:`Propagator`: ``fresh``, ``pin_node``, ``broadcast_into``, ``finish``).
+        contracts: for ops that multiply by a weight: ``{argument position: contracted dim}``
+            (negative dims count from the end), as ``aten.linear``'s ``{1: -1}``. A weight dim
+            that every use contracts is a consumer's input columns, removed with the unit.
+
+    Unknown ops pin every space they touch (so they never produce a wrong unit); registering
+    a rule can only make more units prunable, so the rule must be right: e.g. an op that mixes
+    values along a dim must pin it (``"along_dim"``).
+    """
+    pk = _packet(op) or op
+    if isinstance(rule, str):
+        if rule not in OP_RULES:
+            raise ValueError(f"register_op: rule {rule!r} is unknown; allowed: one of "
+                             f"{sorted(OP_RULES)} or a callable (propagator, node)")
+        rule = OP_RULES[rule]
+    elif not callable(rule):
+        raise ValueError(f"register_op: rule must be a name in {sorted(OP_RULES)} or a "
+                         f"callable (propagator, node); got {type(rule).__name__}")
+    if contracts is not None:
+        if not isinstance(contracts, Mapping) or not all(
+                isinstance(k, int) and isinstance(v, int) for k, v in contracts.items()):
+            raise ValueError("register_op: contracts must map argument positions (int) to "
+                             "contracted dims (int)")
+        _CONTRACTS[pk] = dict(contracts)
+    _REGISTERED[pk] = rule
 
 
 def _flatten(x):
