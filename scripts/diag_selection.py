@@ -35,7 +35,7 @@ def unit_stats(model, qadg, task, batches: int):
     """Per-unit ``||x||^2``, ``||g||^2``, ``<x, g>`` with ``g`` the loss gradient over
     ``batches`` training batches of 16 (from row 1000 on)."""
     from geta_hf.optim.importance import UnitStats
-    from geta_hf.optim.pruning import resolve_members
+    from geta_hf.optim.pruning import resolve_members, unit_sums
 
     members = resolve_members(model, qadg, dict(model.named_parameters()), [])
     cols = [c for c in task.train_dataset.column_names if c in _LABELS]
@@ -45,18 +45,9 @@ def unit_stats(model, qadg, task, batches: int):
     for i in range(batches):
         batch = dict(data[1000 + 16 * i:1016 + 16 * i].items())
         (model(**batch).loss / batches).backward()
-    fams = qadg.families
-    n = qadg.num_groups
-    sq_x, sq_g, dot = (torch.zeros(n) for _ in range(3))
-    for m in members:
-        f = fams[m.family]
-        x = m.unit_view(m.param.detach()).float()
-        g = m.unit_view(m.param.grad).float()
-        sl = slice(f.offset, f.offset + f.num_units)
-        sq_x[sl] += x.square().sum(1)
-        sq_g[sl] += g.square().sum(1)
-        dot[sl] += (x * g).sum(1)
+    sq_x, sq_g, dot = unit_sums(members, qadg, lambda m: m.param.detach(), lambda m: m.param.grad)
     model.zero_grad()
+    fams = qadg.families
     counts = torch.tensor([f.num_units for f in fams])
     numel = torch.repeat_interleave(torch.tensor([float(f.group_params_per_unit) for f in fams]),
                                     counts)

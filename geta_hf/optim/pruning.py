@@ -8,7 +8,7 @@ per period (the active layout); per-step work is tensor work.
 from __future__ import annotations
 
 import logging
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -22,7 +22,7 @@ from .joint import descent_budget, forget_rate, quant_steps
 from .layout import ActiveLayout, MemberRef
 from .schedule import StagePlan
 
-__all__ = ["PruningController", "resolve_members", "check_frozen"]
+__all__ = ["PruningController", "resolve_members", "check_frozen", "unit_sums"]
 
 logger = logging.getLogger(__name__)
 _LOG_FLOOR = 1e-30  # as in geta_hf.quant.functional: min(|x|, q_m) is floored before log
@@ -80,6 +80,30 @@ def resolve_members(model: nn.Module, qadg: QADG, named,
             refs.append(MemberRef(family=fi, param=p, dim=m.dim,
                                   index=m.index.to(device=p.device, dtype=torch.long), qidx=qidx))
     return refs
+
+
+def unit_sums(members: Sequence[MemberRef], qadg: QADG,
+              x_of: Callable[[MemberRef], torch.Tensor],
+              g_of: Callable[[MemberRef], Optional[torch.Tensor]]):
+    """Per-unit ``||x||^2``, ``||g||^2`` and ``<x, g>``, summed over each unit's member slices.
+
+    ``x_of(m)`` / ``g_of(m)``: the tensor, shaped like ``m.param``, to read for member ``m``
+    (``g_of`` may return ``None``: ``g = 0`` there). Returns three 1-D tensors of length
+    ``qadg.num_groups`` on the members' device."""
+    fams = qadg.families
+    dev = members[0].param.device if members else torch.device("cpu")
+    sq_x, sq_g, dot = (torch.zeros(qadg.num_groups, device=dev) for _ in range(3))
+    for m in members:
+        f = fams[m.family]
+        sl = slice(f.offset, f.offset + f.num_units)
+        x = m.unit_view(x_of(m)).float()
+        sq_x[sl] += x.square().sum(1)
+        g = g_of(m)
+        if g is not None:
+            g = m.unit_view(g).float()
+            sq_g[sl] += g.square().sum(1)
+            dot[sl] += (x * g).sum(1)
+    return sq_x, sq_g, dot
 
 
 class PruningController:
@@ -176,15 +200,8 @@ class PruningController:
     def accumulate_saliency(self) -> None:
         """Add this step's per-unit ``<x, g>``, ``<x, g>^2`` and ``||g||^2`` (``g`` = the loss
         gradient in ``.grad``, ``x`` before the optimizer moves it). Tensor work only."""
-        dot, sq_g = torch.zeros_like(self._acc["dot"]), torch.zeros_like(self._acc["sq_g"])
-        for m in self.members:
-            if m.param.grad is None:
-                continue
-            off, units = self.offsets[m.family], self.num_units[m.family]
-            x = m.unit_view(m.param.detach()).float()
-            g = m.unit_view(m.param.grad).float()
-            dot[off:off + units] += (x * g).sum(1)
-            sq_g[off:off + units] += g.square().sum(1)
+        _, sq_g, dot = unit_sums(self.members, self.qadg, lambda m: m.param.detach(),
+                                 lambda m: m.param.grad)
         self._acc["dot"] += dot
         self._acc["dot_sq"] += dot.square()
         self._acc["sq_g"] += sq_g
@@ -218,36 +235,29 @@ class PruningController:
     def _gradient_stats(self, snapshot: Optional[Dict[int, torch.Tensor]]) -> UnitStats:
         """Per-unit statistics from the accumulated gradients (means over the window) and the
         current (pre-step) ``x``."""
-        sq_x = torch.zeros(self.qadg.num_groups, device=self.device)
-        for m in self.members:
-            off, units = self.offsets[m.family], self.num_units[m.family]
-            x = m.param.detach() if snapshot is None else snapshot[id(m.param)]
-            sq_x[off:off + units] += m.unit_view(x).float().square().sum(1)
+        sq_x, _, _ = unit_sums(self.members, self.qadg, lambda m: self._x(m, snapshot),
+                               lambda m: None)
         n = float(self.saliency_steps)
         return UnitStats(sq_x=sq_x, sq_g=self._acc["sq_g"] / n, dot=self._acc["dot"] / n,
                          numel=self.unit_numel, dot_sq=self._acc["dot_sq"] / n)
+
+    @staticmethod
+    def _x(m: MemberRef, snapshot: Optional[Dict[int, torch.Tensor]]) -> torch.Tensor:
+        """Member ``m``'s parameter before the step (from ``snapshot``) or as it is now."""
+        return m.param.detach() if snapshot is None else snapshot[id(m.param)]
 
     def unit_stats(self, snapshot: Optional[Dict[int, torch.Tensor]], lr: float) -> UnitStats:
         """Per-unit ``||x||^2``, ``||g||^2``, ``<x, g>`` with pre-step ``x`` and the step's ``g``.
 
         ``snapshot=None``: no usable gradient (a skipped step): current ``x`` and ``g = 0``."""
-        n = self.qadg.num_groups
-        dev = self.device
-        sq_x, sq_g, dot = (torch.zeros(n, device=dev) for _ in range(3))
-        for m in self.members:
-            off, units = self.offsets[m.family], self.num_units[m.family]
-            x = m.unit_view(m.param.detach() if snapshot is None else snapshot[id(m.param)]).float()
+        def g_of(m: MemberRef) -> Optional[torch.Tensor]:
             if snapshot is None:
-                g = torch.zeros_like(x)
-            elif lr > 0:
-                g = (x - m.unit_view(m.param.detach()).float()) / lr
-            elif m.param.grad is not None:
-                g = m.unit_view(m.param.grad).float()
-            else:
-                g = torch.zeros_like(x)
-            sq_x[off:off + units] += x.square().sum(1)
-            sq_g[off:off + units] += g.square().sum(1)
-            dot[off:off + units] += (x * g).sum(1)
+                return None
+            if lr > 0:
+                return (snapshot[id(m.param)].float() - m.param.detach().float()) / lr
+            return m.param.grad
+
+        sq_x, sq_g, dot = unit_sums(self.members, self.qadg, lambda m: self._x(m, snapshot), g_of)
         return UnitStats(sq_x=sq_x, sq_g=sq_g, dot=dot, numel=self.unit_numel)
 
     def set_active(self, ids: Sequence[int]) -> None:
