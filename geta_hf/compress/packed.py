@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..quant.functional import EPS, T_MIN
-from ..quant.layers import QuantLayerMixin, carry_over_hooks
+from ..quant.layers import PackedLayer, QuantLayerMixin, carry_over_hooks
 from ..quant.quantizer import GETAQuantizer
 from .bitpack import pack_codes, packed_nbytes, unpack_codes
 from .intmm import (INT8_MAX, IntState, accumulation_fits, int8_linear, int_mm_supported,
@@ -36,7 +36,7 @@ def bits_for_codes(max_abs_code: int) -> int:
     return max(2, int(math.ceil(math.log2(max_abs_code + 1))) + 1)
 
 
-class PackedQuantLinear(nn.Module):
+class PackedQuantLinear(PackedLayer, nn.Linear):
     """Layer of a compressed model: ``y = x_q @ (codes * scale)^T + b``.
 
     Persistent buffers: ``weight_packed`` (1-D uint8, the ``(out, in)`` codes packed at
@@ -47,12 +47,18 @@ class PackedQuantLinear(nn.Module):
 
     ``kernel`` says which path inference takes (``"int8"`` or ``"float"``);
     ``integer_kernels = False`` (or :class:`geta_hf.compress.use_integer_kernels`) forces float.
+
+    It is an ``nn.Linear`` (with ``in_features``/``out_features``) so that peft's LoRA targets
+    it as it is: ``get_peft_model``, ``PeftModel.from_pretrained`` and transformers'
+    ``load_adapter`` wrap it, the codes stay packed and frozen, and the adapter runs in float
+    beside it. Merging an adapter into the codes (``merge_and_unload``) is not supported: the
+    merged weight is not on the layer's quantization grid (peft fails on the empty ``weight``).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
                  weight_bits: int = 8, act_quantizer: Optional[GETAQuantizer] = None,
                  nonlinear: bool = True, dtype: torch.dtype = torch.float32, device=None) -> None:
-        super().__init__()
+        nn.Module.__init__(self)  # not nn.Linear's: there is no float weight to allocate
         self.in_features, self.out_features = int(in_features), int(out_features)
         self.weight_bits = int(weight_bits)
         nbytes = packed_nbytes(self.in_features * self.out_features, self.weight_bits)

@@ -17,7 +17,7 @@ from torch import nn
 from ..registry import register_linear_type
 from .quantizer import GETAQuantizer
 
-__all__ = ["QuantLayerMixin", "QuantLinear", "is_quant_layer", "quant_layers", "carry_over_hooks"]
+__all__ = ["QuantLayerMixin", "QuantLinear", "PackedLayer", "is_quant_layer", "quant_layers", "carry_over_hooks"]
 
 # torch's per-module hook registries. A layer swapped for its quantized (or packed) form takes
 # them over, so hooks the user registered keep firing and their handles keep working.
@@ -81,6 +81,11 @@ class QuantLayerMixin:
         if self.act_quantizer is not None:
             x = self.act_quantizer(x)
         return x, self.weight_quantizer(self.weight)
+
+
+class PackedLayer:
+    """Marker of a compressed layer: it holds integer weight codes, not a float weight, so
+    :func:`geta_hf.prepare_model` never quantizes it again (``PackedQuantLinear`` is one)."""
 
 
 class QuantLinear(QuantLayerMixin, nn.Linear):

@@ -14,7 +14,7 @@ from ..config import GETAConfig
 from .quantizer import GETAQuantizer
 from ..registry import float_linear_types, linear_type_of
 from ..surgery import set_submodule
-from .layers import QuantLayerMixin, quant_layers
+from .layers import PackedLayer, QuantLayerMixin, quant_layers
 
 __all__ = ["prepare_model", "calibrate_activations", "quantization_bypassed",
            "input_quantizers_disabled", "QUANT_SPEC_ATTR"]
@@ -56,7 +56,7 @@ def _shared_weights(model: nn.Module) -> set:
 def _select_layers(model: nn.Module, cfg: GETAConfig):
     float_types = float_linear_types()
     candidates = [(n, m) for n, m in model.named_modules()
-                  if isinstance(m, float_types) and not isinstance(m, QuantLayerMixin)]
+                  if isinstance(m, float_types) and not isinstance(m, (QuantLayerMixin, PackedLayer))]
     names = [n for n, _ in candidates] + [n for n, _ in quant_layers(model)]
     for field_name, patterns in (("include_modules", cfg.include_modules or ()),
                                  ("exclude_modules", cfg.exclude_modules)):
