@@ -132,6 +132,25 @@ def test_concatenated_producers_one_family_per_consumer_dim():
     _units_vanish(model, q)
 
 
+class _HeldAside(nn.Module):
+    """An MLP with a layer the forward never calls (a PEFT adapter or a ``modules_to_save``
+    original held aside)."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = nn.Linear(D, 24), nn.Linear(24, D)
+        self.unused = nn.Linear(D, 8)
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(x)))
+
+
+def test_parameters_the_forward_does_not_use_form_no_family():
+    model = _HeldAside()
+    q = build_qadg(model, _inputs())
+    assert _table(q) == [("channels", 24, ["up.bias", "up.weight"], ["down.weight"])]
+
+
 class _SortedOverBatch(nn.Module):
     """an op the analysis does not know (sort), along a dim that is not the hidden one."""
 

@@ -108,3 +108,151 @@ def test_prepare_model_does_not_quantize_packed_layers_again(tmp_path):
     assert packed_layers(model) and all(isinstance(m, torch.nn.Linear) for m in packed_layers(model))
     with pytest.raises(ValueError, match="no quantizable layer"):  # every linear is packed
         geta_hf.prepare_model(model, geta_hf.GETAConfig())
+
+
+# ---------------------------------------------------------------------------- GETA on a PEFT model
+def _lm_rows(n=32, seq=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(n):
+        ids = torch.randint(3, 96, (seq,), generator=g)
+        rows.append({"input_ids": ids, "attention_mask": torch.ones(seq, dtype=torch.long),
+                     "labels": ids.clone()})
+    return rows
+
+
+def _cls_rows(n=32, seq=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [{"input_ids": torch.randint(3, 96, (seq,), generator=g),
+             "attention_mask": torch.ones(seq, dtype=torch.long),
+             "labels": torch.randint(0, 3, (), generator=g)} for _ in range(n)]
+
+
+def _geta_case(name):
+    from tiny_models import build
+    from test_trainer import qa_rows
+
+    if name == "bert-qa":
+        model, _ = build("bert")
+        return model, qa_rows(32), "QUESTION_ANS", ["query", "key", "value", "dense"], \
+            tf.AutoModelForQuestionAnswering
+    if name == "bert-cls":
+        cfg = tf.BertConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2,
+                            num_attention_heads=4, intermediate_size=48,
+                            max_position_embeddings=64, num_labels=3)
+        return tf.BertForSequenceClassification(cfg), _cls_rows(), "SEQ_CLS", \
+            ["query", "value", "dense"], tf.AutoModelForSequenceClassification
+    model, _ = build("llama")
+    return model, _lm_rows(), "CAUSAL_LM", ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                            "up_proj", "down_proj"], tf.AutoModelForCausalLM
+
+
+@pytest.mark.parametrize("name", ["bert-qa", "bert-cls", "llama"])
+def test_geta_through_lora_reaches_k_units_and_saves_the_merged_model(tmp_path, name):
+    from test_trainer import geta_args
+
+    from geta_hf import GETATrainer
+    from geta_hf.quant import quant_layers
+
+    torch.manual_seed(0)
+    base, rows, task, targets, auto = _geta_case(name)
+    plain_families = geta_hf.build_qadg(base, {k: torch.stack([r[k] for r in rows[:2]])
+                                               for k in ("input_ids", "attention_mask")})
+    model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets,
+                                                      task_type=task, lora_dropout=0.0))
+    trainer = GETATrainer(model=model, args=geta_args(tmp_path, num_train_epochs=4),
+                          train_dataset=rows)
+    q = trainer.qadg
+    # the base model's units: the same families as without the adapters, no rank space
+    assert [f.num_units for f in q.families] == [f.num_units for f in plain_families.families]
+    assert all("lora_" not in m.param for f in q.families for m in f.members[:1])
+    assert any("lora_B" in m.param for f in q.families for m in f.members)
+    assert not any("lora_A" in n or "lora_B" in n for n, _ in quant_layers(model))
+    trainer.train()
+    k = int(0.5 * q.num_groups)
+    assert int((q.group_norms(model) == 0).sum()) == k
+    for _, m in quant_layers(model):
+        b = float(m.weight_quantizer.bits())
+        assert abs(b - round(b)) < 1e-4 and 4 <= round(b) <= 8
+    # the adapters were trained, the base weights were not (beyond the zeroed units)
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert any(p.abs().sum() > 0 for p in lora_b)
+
+    inputs = {k_: torch.stack([r[k_] for r in rows[:4]]) for k_ in ("input_ids", "attention_mask")}
+    model.eval()
+    with torch.no_grad():
+        ref = model(**inputs).logits if task != "QUESTION_ANS" else model(**inputs).start_logits
+    trainer.save_compressed(str(tmp_path / "compressed"))
+    back = auto.from_pretrained(str(tmp_path / "compressed")).eval()
+    assert not peft_model_like(back)
+    with torch.no_grad():
+        got = back(**inputs).logits if task != "QUESTION_ANS" else back(**inputs).start_logits
+    assert (ref - got).abs().max().item() <= 1e-4
+    assert sum(p.numel() for p in back.parameters()) < sum(p.numel() for p in base.parameters())
+
+
+def peft_model_like(model):
+    return any("lora_" in n for n, _ in model.named_parameters())
+
+
+def test_unsupported_peft_settings_are_refused(tmp_path):
+    from test_trainer import geta_args, qa_rows
+
+    from geta_hf import GETATrainer
+
+    for bad, match in ((dict(use_dora=True), "DoRA"), (dict(lora_bias=True), "lora_bias")):
+        model = peft.get_peft_model(
+            tf.BertForQuestionAnswering(tf.BertConfig(vocab_size=96, hidden_size=32,
+                                                      num_hidden_layers=1, num_attention_heads=4,
+                                                      intermediate_size=48)),
+            peft.LoraConfig(r=2, target_modules=["query"], **bad))
+        with pytest.raises(ValueError, match=match):
+            GETATrainer(model=model, args=geta_args(tmp_path), train_dataset=qa_rows(8))
+
+
+def _lora_bert(adapter_seed=0):
+    """Tiny BERT QA (always the same base weights: a PEFT checkpoint holds no base model) with
+    LoRA adapters initialised from ``adapter_seed``."""
+    from test_trainer import tiny_bert_qa
+
+    model = tiny_bert_qa(seed=0)
+    torch.manual_seed(adapter_seed)
+    return peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["query", "value", "dense"],
+                                                      task_type="QUESTION_ANS", lora_dropout=0.0))
+
+
+def test_peft_checkpoint_resumes_inside_the_joint_stage_bit_identically(tmp_path):
+    from test_trainer import _final_params, geta_args, qa_rows
+
+    from geta_hf import GETATrainer
+
+    rows = qa_rows()
+    full = GETATrainer(model=_lora_bert(), args=geta_args(tmp_path / "full"), train_dataset=rows)
+    full.train()
+    ref = _final_params(full.model)
+    args = geta_args(tmp_path / "cut", save_strategy="steps", save_steps=20, max_steps=40)
+    first = GETATrainer(model=_lora_bert(), args=args, train_dataset=rows)
+
+    class Stop(tf.TrainerCallback):
+        def on_step_end(self, a, state, control, **kw):
+            if state.global_step == 21:
+                control.should_training_stop = True
+            return control
+
+    first.add_callback(Stop())
+    first.train()
+    assert first.geta_optimizer.describe()["stage"] == "joint"
+    ckpt = tmp_path / "cut" / "checkpoint-20"
+    assert (ckpt / "adapter_model.safetensors").is_file()
+    assert (ckpt / "geta_base_state.safetensors").is_file()
+    resumed = GETATrainer(model=_lora_bert(adapter_seed=1), args=args, train_dataset=rows)
+    resumed.train(resume_from_checkpoint=str(ckpt))
+    got = _final_params(resumed.model)
+    assert ref.keys() == got.keys()
+    for n in ref:
+        assert torch.equal(ref[n], got[n]), n
+
+    (ckpt / "geta_base_state.safetensors").unlink()
+    again = GETATrainer(model=_lora_bert(adapter_seed=1), args=args, train_dataset=rows)
+    with pytest.raises(ValueError, match="geta_base_state"):
+        again.train(resume_from_checkpoint=str(ckpt))

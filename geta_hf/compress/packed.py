@@ -204,7 +204,7 @@ def pack_layer(layer: nn.Module) -> PackedQuantLinear:
     if not isinstance(layer, QuantLayerMixin):
         raise TypeError(f"pack_layer: expected a quantized layer, got {type(layer).__name__}")
     q = layer.weight_quantizer
-    w = layer.weight.detach()
+    w = layer.effective_weight().detach()
     if layer.weight_out_dim == 1:  # Conv1D stores (in, out)
         w = w.t()
     wq = q(w.float())

@@ -190,6 +190,8 @@ class Propagator:
         if shape is None:
             return
         name = self.cap.param_of.get(node.name)
+        if name is not None and not node.users:
+            return  # a parameter the forward does not use (e.g. a PEFT adapter held aside)
         if name is not None:
             self.param_nodes[node] = name
             self.param_shapes[name] = shape

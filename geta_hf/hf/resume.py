@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
 _STATE = "trainer_state.json"
 _WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-            "pytorch_model.bin.index.json")
+            "pytorch_model.bin.index.json", "adapter_model.safetensors", "adapter_model.bin")
 
 
 class IncompleteCheckpointError(ValueError):

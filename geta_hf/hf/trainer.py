@@ -17,6 +17,7 @@ from ..quant.prepare import prepare_model
 from ..utils import tune_cpu_allocator
 from .card import GETA_TAGS
 from .distill import DistillationTrainer
+from . import peft as peft_support
 from .resume import check_checkpoint, check_resume_state, checkpoint_step, last_complete_checkpoint
 from .serialization import compress_model, save_compressed
 
@@ -140,6 +141,9 @@ class GETATrainer(DistillationTrainer):
             raise ValueError("GETATrainer: the optimizer is QASSO, created by the trainer; do not pass "
                              "`optimizers`")
         self.geta_config = geta_config
+        #: the config GETA runs with: ``geta_config``, or for a PEFT model its variant that
+        #: compresses the frozen base (see :mod:`geta_hf.hf.peft`); ``geta_config`` is unchanged
+        self._geta_run_config = geta_config
         _check_optim(args)
         _push_only_at_end(args)
         super().__init__(model, args, *a, **kwargs)
@@ -170,14 +174,22 @@ class GETATrainer(DistillationTrainer):
         return out
 
     def _geta_setup(self, example_inputs) -> None:
-        cfg = self.geta_config
         model = self.model
+        self._geta_peft = peft_support.is_peft_model(model)
+        if self._geta_peft:  # compress the base model, train the adapters (hf/peft.py)
+            peft_support.check_supported(model)
+            self._geta_run_config = peft_support.run_config(self.geta_config, model)
+        cfg = self._geta_run_config
         n = cfg.act_calibration_batches if cfg.quantize_activations else 1
         batches = self._setup_batches(n)
         prepare_model(model, cfg, calibration_data=batches if cfg.quantize_activations else None)
         example = dict(example_inputs) if example_inputs is not None else _tensors_only(batches[0], rows=2)
         self._geta_example = example
+        if self._geta_peft:
+            peft_support.attach_adapters(model)
         self.qadg = build_qadg(model, example, cfg)
+        if self._geta_peft:
+            self.qadg = peft_support.adapter_members(self.qadg, model)
         self._bops = BopsEstimator(model, self.qadg, example)
 
     # ------------------------------------------------------------------ public hooks
@@ -208,14 +220,26 @@ class GETATrainer(DistillationTrainer):
         self._geta_step_offset = 0
         if isinstance(resume_from_checkpoint, str):
             self._geta_check_resume(resume_from_checkpoint)
+            if self._geta_peft:  # the base model's quantizers and pruned rows (hf/peft.py)
+                peft_support.load_base_state(self.accelerator.unwrap_model(self.model), self.qadg,
+                                             resume_from_checkpoint)
         return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
+        """`Trainer.save_model`; for a PEFT model also GETA's changes to the base model (its
+        quantizers and pruned rows, which peft's adapter file lacks) in
+        ``geta_base_state.safetensors``, so checkpoints resume exactly."""
+        super().save_model(output_dir, _internal_call)
+        if self._geta_peft and self.is_world_process_zero():
+            peft_support.save_base_state(self.accelerator.unwrap_model(self.model), self.qadg,
+                                         output_dir or self.args.output_dir)
 
     def _geta_check_resume(self, path: str) -> None:
         """Refuse a checkpoint that cannot continue this run (see :meth:`train`)."""
         from ..optim.layout import QuantTable, trained_quant_layers
         from ..optim.state import search_space
 
-        cfg = self.geta_config
+        cfg = self._geta_run_config
         space = search_space(self.qadg, QuantTable(trained_quant_layers(self.model,
                                                                         cfg.compress_frozen)))
         restart = bool(getattr(self.args, "geta_restart_compression_on_resume", False))
@@ -247,7 +271,7 @@ class GETATrainer(DistillationTrainer):
                                  "(raise --max_steps or --num_train_epochs)")
             args = self.args
             self.optimizer = QASSO(
-                self.model if model is None else model, self.qadg, self.geta_config,
+                self.model if model is None else model, self.qadg, self._geta_run_config,
                 lr=args.learning_rate, variant=getattr(args, "geta_optimizer", "adamw"),
                 total_steps=int(total), weight_decay=args.weight_decay,
                 betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
@@ -290,10 +314,17 @@ class GETATrainer(DistillationTrainer):
 
     # ------------------------------------------------------------------ results
     def compressed_model(self):
-        """A physically compressed copy of the trained model (the trainer's model is untouched)."""
+        """A physically compressed copy of the trained model (the trainer's model is untouched).
+
+        A PEFT model's adapters are merged into the base first; the result is the compressed
+        base transformers model (see :mod:`geta_hf.hf.peft`)."""
         model = copy.deepcopy(self.accelerator.unwrap_model(self.model))
         model.eval()
-        compress_model(model, self.qadg, example_inputs=self._geta_example)
+        qadg = self.qadg
+        if self._geta_peft:
+            model = peft_support.merged_base_model(model)
+            qadg = build_qadg(model, self._geta_example, self._geta_run_config)
+        compress_model(model, qadg, example_inputs=self._geta_example)
         return model
 
     def push_to_hub(self, commit_message: Optional[str] = "End of training", blocking: bool = True,

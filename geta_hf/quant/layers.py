@@ -43,8 +43,13 @@ class QuantLayerMixin:
     weight_out_dim: int = 0
     weight_quantizer: GETAQuantizer
     act_quantizer: Optional[GETAQuantizer]
-    #: When True the layer computes in full precision (used while capturing the graph).
+    #: When True the layer computes in full precision on its own ``weight`` (no quantizer, no
+    #: ``weight_delta``; used while capturing the graph).
     quant_bypass: bool = False
+    #: Optional callable returning a tensor added to ``weight`` before it is quantized (or None
+    #: for nothing), e.g. a LoRA adapter's ``B A`` (set by :mod:`geta_hf.hf.peft`): the layer
+    #: then quantizes the merged weight, so merging the adapter keeps the model exact.
+    weight_delta = None
 
     def _init_quantizers(self, nonlinear: bool, quantize_input: bool) -> None:
         w = self.weight
@@ -71,16 +76,21 @@ class QuantLayerMixin:
         carry_over_hooks(layer, new)
         return new
 
+    def effective_weight(self) -> torch.Tensor:
+        """``weight`` plus the ``weight_delta`` (if any): the weight the quantizer sees."""
+        delta = self.weight_delta() if self.weight_delta is not None else None
+        return self.weight if delta is None else self.weight + delta
+
     def quantized_weight(self) -> torch.Tensor:
         """The fake-quantized weight ``Q(W)`` used by the forward pass."""
-        return self.weight_quantizer(self.weight)
+        return self.weight_quantizer(self.effective_weight())
 
     def _quant_inputs(self, x: torch.Tensor):
         if self.quant_bypass:
             return x, self.weight
         if self.act_quantizer is not None:
             x = self.act_quantizer(x)
-        return x, self.weight_quantizer(self.weight)
+        return x, self.quantized_weight()
 
 
 class PackedLayer:
