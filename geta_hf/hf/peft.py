@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from ..config import GETAConfig
-from ..graph.qadg import QADG, Family, Member
+from ..graph.qadg import QADG, Member
 from ..quant.layers import QuantLayerMixin, quant_layers
 from ..registry import float_linear_types, linear_type_of
 
