@@ -208,14 +208,29 @@ def adapter_members(qadg: QADG, model: nn.Module) -> QADG:
 
 
 def merged_base_model(model: nn.Module) -> nn.Module:
-    """Merge the LoRA adapters of ``model`` (a ``PeftModel`` prepared by GETA; changed in
-    place) into the base weights and return the base transformers model."""
+    """Merge the LoRA adapters of ``model`` (prepared by GETA; changed in place) into the base
+    weights and return the plain transformers model: a ``PeftModel`` through peft's
+    ``merge_and_unload``; a transformers model with adapters (``model.add_adapter``) by merging
+    each wrapper and putting its base layer (or its trained ``modules_to_save`` copy) back."""
+    from peft import PeftModel
+    from peft.utils import ModulesToSaveWrapper
+
+    from ..surgery import set_submodule
+
     for _, w in lora_layers(model):
         base = w.get_base_layer()
         if isinstance(base, QuantLayerMixin):
             base.weight_delta = None
         w.__dict__.pop("forward", None)
-    return model.merge_and_unload()
+    if isinstance(model, PeftModel):
+        return model.merge_and_unload()
+    for name, w in lora_layers(model):
+        w.merge()
+        set_submodule(model, name, w.get_base_layer())
+    for name, w in [(n, m) for n, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper)]:
+        set_submodule(model, name, w.modules_to_save[w.active_adapter] if w.active_adapter in
+                      w.modules_to_save else w.original_module)
+    return model
 
 
 #: the file, beside peft's adapter in a checkpoint, that holds GETA's changes to the base model
