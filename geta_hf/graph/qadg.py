@@ -21,86 +21,19 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import dataclass, field, replace
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
 from .capture import GraphCaptureError, capture_graph
-from .propagate import Propagator, contracted_param_dims
-from .spaces import PROD
+from .families import find_families
+from .propagate import Propagator
+from .units import Family, Member
 
 __all__ = ["Member", "Family", "QADG", "build_qadg"]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class Member:
-    """The slices of one parameter that belong to the units of a family."""
-
-    param: str
-    dim: int
-    #: ``(num_units, width)`` long tensor: positions along ``dim`` owned by each unit
-    index: torch.Tensor
-    role: str  # "out" (group member) or "in" (consumer columns)
-    size: int  # the parameter's size along ``dim``
-    numel: int  # the parameter's number of elements
-
-    @property
-    def width(self) -> int:
-        """Entries of the member's dimension owned by one unit."""
-        return int(self.index.shape[1])
-
-    @property
-    def module(self) -> str:
-        """Name of the module that holds the parameter."""
-        return self.param.rpartition(".")[0]
-
-    @property
-    def params_per_unit(self) -> int:
-        """Parameter entries one unit owns in this member."""
-        return self.width * (self.numel // self.size)
-
-    @property
-    def contiguous(self) -> bool:
-        """True when unit ``u`` owns positions ``u*width .. (u+1)*width - 1`` of the whole dim."""
-        n = self.index.numel()
-        return n == self.size and bool(torch.equal(self.index.reshape(-1), torch.arange(n)))
-
-
-@dataclass
-class Family:
-    """The units of one index space (e.g. the heads of one attention layer)."""
-
-    name: str
-    kind: str  # "heads", "kv_groups" or "channels"
-    layer: str
-    num_units: int
-    min_units: int
-    members: List[Member]
-    consumers: List[Member] = field(default_factory=list)
-    offset: int = 0  # global id of unit 0
-    #: query heads per unit (GQA group size for kv-groups, 1 otherwise)
-    heads_per_unit: int = 1
-    #: size of one head (0 for channel families)
-    head_dim: int = 0
-
-    @property
-    def params(self) -> List[str]:
-        """Names of the parameters of the family's members and consumers."""
-        return [m.param for m in self.members + self.consumers]
-
-    @property
-    def params_per_unit(self) -> int:
-        """Parameter entries one unit owns, members and consumers together."""
-        return sum(m.params_per_unit for m in self.members + self.consumers)
-
-    @property
-    def group_params_per_unit(self) -> int:
-        """Parameter entries one unit owns in its members (the slices QASSO scores and forgets)."""
-        return sum(m.params_per_unit for m in self.members)
 
 
 class QADG:
@@ -314,33 +247,6 @@ def _name_matches(param: str, pattern: str) -> bool:
             or fnmatch.fnmatchcase(module, pattern) or module.startswith(pattern + "."))
 
 
-def _layer_name(modules: Sequence[str]) -> str:
-    """The module path the units live in; a layer index that differs becomes ``*``.
-
-    ``a.layer.0.attention.self.query`` + ``a.layer.0.attention.output.dense`` ->
-    ``a.layer.0.attention``; a family spanning layers (T5's shared relative-position heads)
-    gives ``decoder.block.*.layer.0.SelfAttention``.
-    """
-    parts = [m.split(".") for m in modules]
-    out = []
-    if len({len(p) for p in parts}) == 1:
-        for xs in zip(*parts):
-            if all(x == xs[0] for x in xs):
-                out.append(xs[0])
-            elif all(x.isdigit() for x in xs):
-                out.append("*")
-            else:
-                break
-        while out and out[-1] == "*":
-            out.pop()
-        return ".".join(out)
-    for xs in zip(*parts):
-        if not all(x == xs[0] for x in xs):
-            break
-        out.append(xs[0])
-    return ".".join(out)
-
-
 def build_qadg(model: nn.Module, example_inputs, cfg=None, *, min_units: Optional[int] = None
                ) -> QADG:
     """Derive the pruning search space of ``model`` from its exported graph.
@@ -363,104 +269,8 @@ def build_qadg(model: nn.Module, example_inputs, cfg=None, *, min_units: Optiona
     cap = capture_graph(model, example_inputs)
     t1 = time.perf_counter()
     prop = Propagator(cap).run()
-    S = prop.S
-    roles = contracted_param_dims(prop.graph, prop.param_nodes, prop.param_shapes)
     order = {name: i for i, (name, _) in enumerate(model.named_parameters())}
-
-    # 1. candidate unit spaces: major factors of the non-contracted parameter dims
-    candidates: List[int] = []
-    for (name, dim), atom in prop.param_atoms.items():
-        if roles.get((name, dim), False):
-            continue
-        for c in S.unit_candidates(atom):
-            if c not in candidates:
-                candidates.append(c)
-    # a unit space that is the major factor of a product is a head; if a factor created by
-    # `expand` (repeat_kv / GQA SDPA) follows it, the unit is a kv-group of query heads
-    heads_like: Dict[int, int] = {}  # unit space -> head size
-    kv_like: Dict[int, int] = {}  # unit space -> query heads per kv head
-    for r, (kind, kids) in S.split.items():
-        if kind != PROD or len(kids) < 2 or S.find(r) != r:
-            continue
-        first = S.find(kids[0])
-        rest = [S.find(k) for k in kids[1:]]
-        expanded = [k for k in rest if S.has_tag(k, "expand")]
-        if expanded and len(expanded) == len(rest):
-            rep = 1
-            for k in expanded:
-                rep *= S.size[k]
-            kv_like[first] = rep
-        else:
-            dh = 1
-            for k in rest:
-                if not S.has_tag(k, "expand"):
-                    dh *= S.size[k]
-            heads_like[first] = max(heads_like.get(first, 0), dh)
-
-    rejected: List[Tuple[str, str]] = []
-    contains = {key: S.contains(atom) for key, atom in prop.param_atoms.items()}
-    families: List[Family] = []
-    for c in candidates:
-        c = S.find(c)
-        n = S.size[c]
-        if S.is_pinned(c) or n < 2:
-            continue
-        members, consumers, bad = [], [], None
-        for (name, dim), atom in prop.param_atoms.items():
-            if c not in contains[(name, dim)]:
-                continue
-            lab = S.labels(atom, c)
-            if lab is None:
-                bad = f"{name} dim {dim} maps to the space ambiguously"
-                break
-            counts = torch.bincount(lab[lab >= 0], minlength=n)
-            if counts.numel() != n or not bool((counts == counts[0]).all()) or int(counts[0]) == 0:
-                bad = f"{name} dim {dim} holds the units unevenly"
-                break
-            index = torch.argsort(lab[lab >= 0], stable=True)
-            pos = torch.nonzero(lab >= 0).reshape(-1)[index].reshape(n, -1)
-            shape = prop.param_shapes[name]
-            numel = 1
-            for s in shape:
-                numel *= s
-            m = Member(param=name, dim=dim, index=pos, role="in" if roles.get((name, dim)) else "out",
-                       size=shape[dim], numel=numel)
-            (consumers if m.role == "in" else members).append(m)
-        if bad is None and S.has_tag(c, "expand"):
-            # query heads sharing one key/value head (MQA): zero query rows give uniform
-            # attention over the shared values, not a zero output, so the unit's output
-            # columns must be zeroed (and scored) with it to make its contribution vanish
-            members += [replace(m, role="out") for m in consumers]
-            consumers = []
-        if bad is None and not members:
-            bad = "no parameter produces it"
-        if bad is not None:
-            rejected.append((f"space of size {n}", bad))
-            continue
-        members.sort(key=lambda m: (order.get(m.param, 1 << 30), m.dim))
-        consumers.sort(key=lambda m: (order.get(m.param, 1 << 30), m.dim))
-        kind = "kv_groups" if c in kv_like else ("heads" if c in heads_like else "channels")
-        layer = _layer_name([m.module for m in members + consumers])
-        families.append(Family(name="", kind=kind, layer=layer, num_units=n,
-                               min_units=min(max(1, min_units), n), members=members,
-                               consumers=consumers, heads_per_unit=kv_like.get(c, 1),
-                               head_dim=heads_like.get(c, 0)))
-    # a parameter dim may hold only one family's units
-    owner: Dict[Tuple[str, int], Family] = {}
-    for f in list(families):
-        clash = [owner[(m.param, m.dim)] for m in f.members + f.consumers if (m.param, m.dim) in owner]
-        if clash:
-            families.remove(f)
-            rejected.append((f.layer, f"nested inside the units of {clash[0].layer}"))
-            continue
-        for m in f.members + f.consumers:
-            owner[(m.param, m.dim)] = f
-    families.sort(key=lambda f: order.get(f.members[0].param, 1 << 30))
-    seen: Dict[str, int] = {}
-    for f in families:
-        base = f"{f.layer or '<model>'}.{f.kind}"
-        seen[base] = seen.get(base, 0) + 1
-        f.name = base if seen[base] == 1 else f"{base}#{seen[base]}"
+    families, rejected = find_families(prop, order, min_units)
     qadg = QADG(families, rejected, type(model).__name__, prop.unknown)
     qadg._known_params = [n for n, _ in model.named_parameters()]
     qadg.timings = {"capture_s": t1 - t0, "analysis_s": time.perf_counter() - t1}

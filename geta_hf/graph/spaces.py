@@ -149,14 +149,19 @@ class SpaceAlgebra:
         larger atom is split into ``[smaller, rest]``. Returns False (and pins both sides) when
         the two layouts cannot be reconciled.
         """
+        return self._align(seq_a, seq_b, PROD)
+
+    def align_cat(self, parts_a: Sequence[int], parts_b: Sequence[int]) -> bool:
+        """Unify two concatenations with the same total size (common boundaries)."""
+        return self._align(parts_a, parts_b, CAT)
+
+    def _align(self, seq_a: Sequence[int], seq_b: Sequence[int], kind: str) -> bool:
+        """:meth:`align` (``kind=PROD``: the smaller size must divide the larger) or
+        :meth:`align_cat` (``CAT``: the larger is cut at the smaller's size)."""
         A, B = list(seq_a), list(seq_b)
         ok = True
         while A and B:
             a, b = self.find(A[0]), self.find(B[0])
-            if a == b:
-                A.pop(0)
-                B.pop(0)
-                continue
             na, nb = self.size[a], self.size[b]
             if na == nb:
                 ok = self.union(a, b) and ok
@@ -165,41 +170,17 @@ class SpaceAlgebra:
                 continue
             big, small, seq = (a, nb, A) if na > nb else (b, na, B)
             sp = self.split.get(big)
-            if sp is not None and sp[0] == PROD:
+            if sp is not None and sp[0] == kind:
                 seq[0:1] = list(sp[1])
                 continue
-            if sp is not None or self.size[big] % small:
-                self._fail(list(seq_a) + list(seq_b), "incompatible reshapes")
+            if sp is not None or (kind == PROD and self.size[big] % small):
+                self._fail(list(seq_a) + list(seq_b), "incompatible reshapes" if kind == PROD
+                           else "incompatible layouts (product vs concat)")
                 return False
-            seq[0:1] = self.refine_prod(big, [small, self.size[big] // small])
+            rest = self.size[big] // small if kind == PROD else self.size[big] - small
+            seq[0:1] = self._refine(big, [small, rest], kind)
         if A or B:
             self._fail(list(seq_a) + list(seq_b), "size mismatch")
-            return False
-        return ok
-
-    def align_cat(self, parts_a: Sequence[int], parts_b: Sequence[int]) -> bool:
-        """Unify two concatenations with the same total size (common boundaries)."""
-        A, B = list(parts_a), list(parts_b)
-        ok = True
-        while A and B:
-            a, b = self.find(A[0]), self.find(B[0])
-            na, nb = self.size[a], self.size[b]
-            if na == nb:
-                ok = self.union(a, b) and ok
-                A.pop(0)
-                B.pop(0)
-                continue
-            big, small, seq = (a, nb, A) if na > nb else (b, na, B)
-            sp = self.split.get(big)
-            if sp is not None and sp[0] == CAT:
-                seq[0:1] = list(sp[1])
-                continue
-            if sp is not None:
-                self._fail(list(parts_a) + list(parts_b), "incompatible layouts (product vs concat)")
-                return False
-            seq[0:1] = self.refine_cat(big, [small, self.size[big] - small])
-        if A or B:
-            self._fail(list(parts_a) + list(parts_b), "size mismatch")
             return False
         return ok
 
