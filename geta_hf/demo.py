@@ -97,9 +97,8 @@ def run_demo(out_dir: str = "geta-demo", quick: bool = False, seed: int = 0,
     """Run the demo and return its results (also written to ``out_dir/demo_results.json``)."""
     import transformers
 
-    import geta_hf
     from .data import generate_squad, load_squad_json
-    from .tasks import build_features, evaluate_qa, example_batch, latency
+    from .tasks import build_features
     from .utils import tune_cpu_allocator
 
     s = settings or (DemoSettings.quick() if quick else DemoSettings())
@@ -115,8 +114,25 @@ def run_demo(out_dir: str = "geta-demo", quick: bool = False, seed: int = 0,
     feats = build_features(tok, train_ex, eval_ex, s.max_length, s.doc_stride)
     print(f"[demo] MiniLM-L6 QA on generated SQuAD-format data: {len(train_ex)} train / "
           f"{len(eval_ex)} eval questions", flush=True)
+    dense, dense_scores = _dense_phase(base, tok, feats, eval_ex, s, out_dir, seed)
+    gtrainer, fake_scores = _geta_phase(base, tok, feats, eval_ex, dense, s, out_dir, seed)
+    result = _compare_phase(gtrainer, dense, dense_scores, fake_scores, feats, eval_ex, s, out_dir)
+    result["seconds"] = elapsed = time.perf_counter() - t_start
+    print("\n" + result["table"])
+    print(f"\n(GETA model before compression, fake-quantized: EM {fake_scores['exact_match']:.2f}, "
+          f"F1 {fake_scores['f1']:.2f}.) Report: {result['report']['markdown']}; compressed "
+          f"model: {os.path.join(out_dir, 'compressed')}; total time {elapsed / 60:.1f} min")
+    with open(os.path.join(out_dir, "demo_results.json"), "w") as f:
+        json.dump(result, f, indent=1, default=str)
+    return result
 
-    # 1. dense fine-tuning (reference)
+
+def _dense_phase(base, tok, feats, eval_ex, s: DemoSettings, out_dir: str, seed: int):
+    """1. Dense fine-tuning, the reference (saved to ``out_dir/dense``)."""
+    import transformers
+
+    from .tasks import evaluate_qa
+
     print(f"[demo] 1/3 dense fine-tuning, {s.steps} steps", flush=True)
     dense = copy.deepcopy(base)
     trainer = transformers.Trainer(
@@ -124,11 +140,17 @@ def run_demo(out_dir: str = "geta-demo", quick: bool = False, seed: int = 0,
                                       s, s.steps, seed),
         train_dataset=feats.train, processing_class=tok)
     trainer.train()
-    dense_scores = evaluate_qa(dense, eval_ex, feats.eval)
-    dense_dir = os.path.join(out_dir, "dense")
-    dense.save_pretrained(dense_dir)
+    scores = evaluate_qa(dense, eval_ex, feats.eval)
+    dense.save_pretrained(os.path.join(out_dir, "dense"))
+    return dense, scores
 
-    # 2. GETA: pruning + mixed-precision QAT in one run, same data
+
+def _geta_phase(base, tok, feats, eval_ex, dense, s: DemoSettings, out_dir: str, seed: int):
+    """2. GETA: pruning + mixed-precision QAT in one run, same data and step budget."""
+    import geta_hf
+
+    from .tasks import evaluate_qa
+
     print(f"[demo] 2/3 GETA fine-tuning, {s.steps} steps: sparsity "
           f"{s.target_group_sparsity}, weight bits {list(s.weight_bits)}, input bits "
           f"{list(s.activation_bits) if s.activation_bits else 'float'}"
@@ -147,11 +169,19 @@ def run_demo(out_dir: str = "geta-demo", quick: bool = False, seed: int = 0,
                                    train_dataset=feats.train, processing_class=tok,
                                    teacher_model=dense if s.distill else None)
     gtrainer.train()
-    fake_scores = evaluate_qa(gtrainer.model, eval_ex, feats.eval)
+    return gtrainer, evaluate_qa(gtrainer.model, eval_ex, feats.eval)
 
-    # 3. compress, save, reload with plain from_pretrained, evaluate
+
+def _compare_phase(gtrainer, dense, dense_scores, fake_scores, feats, eval_ex, s: DemoSettings,
+                   out_dir: str) -> Dict:
+    """3. Compress, save, reload with plain ``from_pretrained``, evaluate and compare."""
+    import transformers
+
+    import geta_hf
+    from .tasks import evaluate_qa, example_batch, latency
+
     print("[demo] 3/3 compress, save, reload with from_pretrained, evaluate", flush=True)
-    comp_dir = os.path.join(out_dir, "compressed")
+    comp_dir, dense_dir = os.path.join(out_dir, "compressed"), os.path.join(out_dir, "dense")
     gtrainer.save_compressed(comp_dir, eval_results={f"eval_{k}": v for k, v in fake_scores.items()})
     small = transformers.AutoModelForQuestionAnswering.from_pretrained(comp_dir)
     small_scores = evaluate_qa(small, eval_ex, feats.eval)
@@ -178,20 +208,11 @@ def run_demo(out_dir: str = "geta-demo", quick: bool = False, seed: int = 0,
         (f"CPU latency (batch {s.latency_batch}x{s.max_length})", f"{lat_dense * 1000:.0f} ms",
          f"{lat_small * 1000:.0f} ms ({lat_dense / lat_small:.2f}x faster)"),
     ]
-    table = _table(rows)
-    elapsed = time.perf_counter() - t_start
-    print("\n" + table)
-    print(f"\n(GETA model before compression, fake-quantized: EM {fake_scores['exact_match']:.2f}, "
-          f"F1 {fake_scores['f1']:.2f}.) Report: {rep['files']['markdown']}; compressed model: "
-          f"{comp_dir}; total time {elapsed / 60:.1f} min")
-    result = {
+    return {
         "settings": asdict(s), "dense": dense_scores, "geta_fake_quant": fake_scores,
         "geta_compressed": small_scores, "params": {"dense": ref["params"], "compressed": stats["params"]},
         "relative_bops": stats["relative"]["bops"], "avg_weight_bits": stats["avg_weight_bits"],
         "size_bytes": {"dense": size_dense, "compressed": size_small},
-        "latency_s": {"dense": lat_dense, "compressed": lat_small}, "seconds": elapsed,
-        "table": table, "report": rep["files"],
+        "latency_s": {"dense": lat_dense, "compressed": lat_small},
+        "table": _table(rows), "report": rep["files"],
     }
-    with open(os.path.join(out_dir, "demo_results.json"), "w") as f:
-        json.dump(result, f, indent=1, default=str)
-    return result

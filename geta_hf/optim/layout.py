@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -128,6 +129,27 @@ class QuantTable:
         """Real-valued bit widths ``b(d, q_m, t)`` of all quantizers (method §1.2)."""
         d, q_m, t = self.stacked()
         return torch.log2(self.top(q_m, t) / d.clamp_min(EPS) + 1.0) + 1.0
+
+    def rounded_bits(self):
+        """``(weight_bits, act_bits, avg_weight_bits, avg_act_bits)``: ``{layer: rounded bits}``
+        per kind, the weight bits averaged by weight size, the input bits by layer (None when
+        there is none)."""
+        wb, ab = {}, {}
+        avg_w = avg_a = None
+        if not len(self):
+            return wb, ab, avg_w, avg_a
+        rounded = [int(round(b)) if math.isfinite(b) else None for b in self.bits().cpu().tolist()]
+        for i in range(self.n_weight):
+            wb[self.layer_names[i]] = rounded[i]
+        for i in range(self.n_weight, len(self)):
+            ab[self.layer_names[i]] = rounded[i]
+        pairs = [(r, n) for r, n in zip(rounded[:self.n_weight], self.weight_numel) if r is not None]
+        if pairs:
+            avg_w = sum(r * n for r, n in pairs) / sum(n for _, n in pairs)
+        acts = [r for r in rounded[self.n_weight:] if r is not None]
+        if acts:
+            avg_a = sum(acts) / len(acts)
+        return wb, ab, avg_w, avg_a
 
 
 @dataclass

@@ -190,6 +190,32 @@ class PruningController:
         self.reset_saliency()
         self.set_active(chosen)
 
+    # ------------------------------------------------------------------ checkpoints
+    def progress_state(self, with_saliency: bool) -> Dict[str, object]:
+        """The units' progress as a QASSO checkpoint records it."""
+        return {"period": self.period, "active_units": list(self.active),
+                "pruned_units": torch.nonzero(self.pruned).reshape(-1).tolist(),
+                "achieved_units": self.achieved,
+                "forget_budget_bound_steps": self.budget_bound_steps,
+                "saliency": self.saliency_state() if with_saliency else None}
+
+    def load_progress(self, s) -> None:
+        """Restore :meth:`progress_state` (validated by the caller)."""
+        self.period = int(s["period"])
+        self.set_pruned(s["pruned_units"])
+        self.set_active(s["active_units"])
+        self.achieved = s.get("achieved_units")
+        self.budget_bound_steps = int(s.get("forget_budget_bound_steps", 0))
+        self.load_saliency_state(s.get("saliency"))
+
+    def end_period_unstarted(self, p: int) -> None:
+        """Commit period ``p`` on a step without a usable gradient (it still must commit; if
+        it never had a finite step to start on, its units are chosen by magnitude alone)."""
+        if p != self.period:
+            self.start_period(p, None, 0.0)
+        self.commit()
+        self.zero_pruned()
+
     # ------------------------------------------------------------------ gradient saliency
     def reset_saliency(self) -> None:
         """Forget the accumulated gradient statistics (after each selection)."""

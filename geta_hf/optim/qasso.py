@@ -37,13 +37,25 @@ freezing bits at the start of cool-down and committing the units of a pruning pe
 on this step (a period whose first step was skipped starts at its next finite step; if it never
 had one, its units are chosen by the magnitude terms alone and committed). ``skipped_steps``
 counts them and is checkpointed.
+
+Example::
+
+    cfg = GETAConfig(target_group_sparsity=0.4, weight_bits=(4, 8))
+    model = geta_hf.prepare_model(model, cfg)
+    qadg = geta_hf.build_qadg(model, example_batch)
+    opt = QASSO(model, qadg, cfg, lr=3e-5, variant="adamw", total_steps=len(loader))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1 - k / len(loader))
+    for batch in loader:
+        model(**batch).loss.backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+    print(opt.describe())  # stage, sparsity, per-layer bits, ...
 """
 
 from __future__ import annotations
 
 import logging
-import math
-from numbers import Real
 from typing import List, Optional, Sequence
 
 import torch
@@ -56,25 +68,16 @@ from .bits import BitController
 from .layout import QuantTable, trained_quant_layers
 from .pruning import PruningController
 from .schedule import StagePlan
-from .state import STATE_FORMAT, StateMismatchError, check_progress, check_state, search_space
+from .setup import (VARIANTS, check_args, check_budget, check_quantizers, dense_optimizer,
+                    grads_finite)
+from .state import (STATE_FORMAT, StateMismatchError, check_progress, check_same_run,
+                    check_state, search_space)
 
 __all__ = ["QASSO", "VARIANTS", "StateMismatchError"]
 
 logger = logging.getLogger(__name__)
 
-#: Supported dense-update variants (method §3.1).
-VARIANTS = ("adamw", "adam", "sgd")
 _STATE_FORMAT = STATE_FORMAT
-
-
-def _is_real(v) -> bool:
-    return isinstance(v, Real) and not isinstance(v, bool)
-
-
-def _check_positive(name: str, v) -> float:
-    if not _is_real(v) or not math.isfinite(float(v)) or not float(v) > 0:
-        raise ValueError(f"QASSO: {name}={v!r} is invalid; allowed: a finite number > 0")
-    return float(v)
 
 
 class QASSO(torch.optim.Optimizer):
@@ -106,20 +109,6 @@ class QASSO(torch.optim.Optimizer):
     ``torch.optim.lr_scheduler`` works. ``state_dict()`` holds only tensors, numbers, strings,
     lists and dicts (loadable with ``torch.load(..., weights_only=True)``).
 
-    Example::
-
-        cfg = GETAConfig(target_group_sparsity=0.4, weight_bits=(4, 8))
-        model = geta_hf.prepare_model(model, cfg)
-        qadg = geta_hf.build_qadg(model, example_batch)
-        opt = QASSO(model, qadg, cfg, lr=3e-5, variant="adamw", total_steps=len(loader))
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1 - k / len(loader))
-        for batch in loader:
-            model(**batch).loss.backward()
-            opt.step()
-            sched.step()
-            opt.zero_grad()
-        print(opt.describe())  # stage, sparsity, per-layer bits, ...
-
     Raises:
         ValueError: a bad ``variant``/``lr``/``total_steps``/``quant_lr``/``weight_decay``, a
             QADG that does not match ``model``, uncalibrated input quantizers, or stage lengths
@@ -139,31 +128,15 @@ class QASSO(torch.optim.Optimizer):
                             f"got {type(qadg).__name__}")
         if not isinstance(cfg, GETAConfig):
             raise TypeError(f"QASSO: cfg must be a geta_hf.GETAConfig, got {type(cfg).__name__}")
-        if variant not in VARIANTS:
-            raise ValueError(f"QASSO: variant={variant!r} is not supported; allowed: "
-                             + ", ".join(repr(v) for v in VARIANTS))
-        lr = _check_positive("lr", lr)
-        if total_steps is None or not isinstance(total_steps, int) or isinstance(total_steps, bool) \
-                or total_steps < 1:
-            raise ValueError(f"QASSO: total_steps={total_steps!r} is invalid; allowed: an integer "
-                             ">= 1 (the number of optimizer steps of the run)")
-        quant_lr = _check_positive("quant_lr", cfg.quant_lr if quant_lr is None else quant_lr)
-        if weight_decay is None:
-            weight_decay = 0.01 if variant == "adamw" else 0.0
-        if not _is_real(weight_decay) or not weight_decay >= 0 or not math.isfinite(weight_decay):
-            raise ValueError(f"QASSO: weight_decay={weight_decay!r} is invalid; allowed: a finite "
-                             "number >= 0")
-
-        if not isinstance(skip_nonfinite, bool):
-            raise ValueError(f"QASSO: skip_nonfinite={skip_nonfinite!r} is invalid; allowed: True "
-                             "or False")
+        lr, quant_lr, weight_decay = check_args(cfg, variant, lr, total_steps, quant_lr,
+                                                weight_decay, skip_nonfinite)
         self._model = model
         self.skip_nonfinite = skip_nonfinite
         self.qadg = qadg
         self.cfg = cfg
         self.variant = variant
         all_layers = quant_layers(model)
-        self._check_quantizers(all_layers, cfg)
+        check_quantizers(all_layers, cfg)
         # layers with a frozen weight keep their quantizers untouched unless cfg.compress_frozen
         self._quant_layers = trained_quant_layers(model, cfg.compress_frozen)
         self._quant = QuantTable(self._quant_layers)
@@ -174,19 +147,8 @@ class QASSO(torch.optim.Optimizer):
                      if q is not None for p in q.parameters()}  # never in the weights group
         weights = [p for p in named.values() if p.requires_grad and id(p) not in quant_ids]
         quant = [p for p in self._quant.params if p.requires_grad]
-        if not weights:
-            raise ValueError("QASSO: the model has no trainable parameter besides quantizer scalars")
-        groups = [{"params": weights, "lr": lr, "weight_decay": float(weight_decay),
-                   "name": "weights"}]
-        if quant:
-            groups.append({"params": quant, "lr": quant_lr, "weight_decay": 0.0, "name": "quant"})
-        if variant == "adamw":
-            inner = torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, foreach=True)
-        elif variant == "adam":
-            inner = torch.optim.Adam(groups, lr=lr, betas=tuple(betas), eps=eps, foreach=True)
-        else:
-            inner = torch.optim.SGD(groups, lr=lr, momentum=momentum, dampening=dampening,
-                                    nesterov=nesterov, foreach=True)
+        inner = dense_optimizer(variant, weights, quant, lr, quant_lr, weight_decay, betas, eps,
+                                momentum, dampening, nesterov)
         self._ready = False
         # add_param_group re-uses the dicts, so self.param_groups[i] IS inner.param_groups[i]:
         # LR schedulers acting on this optimizer drive the dense step directly.
@@ -205,30 +167,12 @@ class QASSO(torch.optim.Optimizer):
         self._bits = self._bit_controller(model, cfg, bops_estimator)
         #: what a checkpoint must match to be resumed (computed once)
         self._space = search_space(qadg, self._quant)
-        self._check_budget()
+        check_budget(self._plan, self._units.max_prunable(), cfg)
         self._step = 0
         self._warned_past_end = False
         self._skipped = 0
 
     # ================================================================== set-up helpers
-    @staticmethod
-    def _check_quantizers(layers, cfg: GETAConfig) -> None:
-        uncal = [n for n, m in layers if m.act_quantizer is not None and not m.act_quantizer.calibrated]
-        if uncal:
-            raise ValueError(
-                f"QASSO: the input (activation) quantizers of {len(uncal)} layer(s) are not "
-                f"calibrated (e.g. {uncal[0]}); call geta_hf.calibrate_activations(model, batches, "
-                "cfg) (or pass calibration_data to geta_hf.prepare_model) before creating QASSO")
-        has_act = any(m.act_quantizer is not None for _, m in layers)
-        if has_act and cfg.activation_bits is None:
-            raise ValueError("QASSO: cfg.activation_bits is None but the model has input "
-                             "quantizers; pass the GETAConfig the model was prepared with")
-        if cfg.activation_bits is not None and layers and not has_act:
-            logger.warning("QASSO: cfg.activation_bits=%s is ignored: the model has no input "
-                           "quantizers", cfg.activation_bits)
-        if not layers:
-            logger.info("QASSO: the model has no quantized layer: pruning only")
-
     def _bit_controller(self, model: nn.Module, cfg: GETAConfig, estimator) -> BitController:
         target = cfg.target_relative_bops
         if target is None or not len(self._quant):
@@ -250,23 +194,6 @@ class QASSO(torch.optim.Optimizer):
         if "exp_avg_sq" in st:
             return st["exp_avg_sq"]
         return p.grad.square() if p.grad is not None else torch.ones_like(p)
-
-    def _check_budget(self) -> None:
-        plan = self._plan
-        K = plan.target
-        most = self._units.max_prunable()
-        if K > most:
-            logger.warning(
-                "QASSO: target_group_sparsity=%s asks for K=%d of %d units, but min_units/"
-                "group_divisible allow at most %d; pruning as many as allowed",
-                self.cfg.target_group_sparsity, K, plan.num_groups, most)
-        if K > 0 and plan.schedule.joint_steps == 0:
-            logger.warning("QASSO: the joint stage has 0 steps, so no unit will be pruned "
-                           "(target K=%d)", K)
-        elif 0 < plan.schedule.joint_steps < self.cfg.pruning_periods:
-            logger.warning("QASSO: the joint stage has %d steps < pruning_periods=%d; using %d "
-                           "one-step periods", plan.schedule.joint_steps, self.cfg.pruning_periods,
-                           plan.pruning_periods)
 
     def add_param_group(self, param_group: dict) -> None:  # noqa: D401
         """Parameter groups are fixed by QASSO (``"weights"`` and ``"quant"``)."""
@@ -332,7 +259,7 @@ class QASSO(torch.optim.Optimizer):
             self._warned_past_end = True
         stage = plan.stage(k)
         lr = float(self.param_groups[0]["lr"])
-        if self.skip_nonfinite and not self._grads_finite():
+        if self.skip_nonfinite and not grads_finite(self.param_groups):
             self._skip_step(k, stage)
             return loss
         if stage == "cooldown" and bits.frozen_bits is None and len(bits):
@@ -383,18 +310,6 @@ class QASSO(torch.optim.Optimizer):
         diff = torch._foreach_sub(w_prev, self._weights)
         return torch.stack(torch._foreach_norm(diff)).float().square().sum() / lr
 
-    def _grads_finite(self) -> bool:
-        """Whether every gradient is finite, from one sum per tensor and one host sync.
-
-        A sum is NaN or +-Inf when any element is (Inf - Inf gives NaN); finite values would
-        have to total ~3e38 to overflow. Cheaper than a max-norm (one read, no abs)."""
-        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        if not grads:
-            return True
-        dev = grads[0].device
-        total = torch.stack([t.sum(dtype=torch.float32).to(dev) for t in grads]).sum()
-        return bool(torch.isfinite(total))
-
     def _skip_step(self, k: int, stage: str) -> None:
         """A step with a NaN/Inf gradient: only the gradient-free schedule bookkeeping runs."""
         self._skipped += 1
@@ -408,10 +323,7 @@ class QASSO(torch.optim.Optimizer):
         elif stage == "joint":
             p, t_in, T = self._plan.pruning_position(k)
             if t_in == T - 1:  # the period ends here: it must still commit its units
-                if p != units.period:  # ... even if it never had a finite step to start on
-                    units.start_period(p, None, 0.0)
-                units.commit()
-                units.zero_pruned()
+                units.end_period_unstarted(p)
         self._step += 1
 
     # ================================================================== reporting
@@ -435,22 +347,7 @@ class QASSO(torch.optim.Optimizer):
         norms = self.qadg.group_norms(self._model).cpu()
         zero = (norms == 0) | self._units.pruned
         n_zero = int(zero.sum())
-        q = self._quant
-        wb, ab = {}, {}
-        avg_w = avg_a = None
-        if len(q):
-            bits = q.bits().cpu().tolist()
-            rounded = [int(round(b)) if math.isfinite(b) else None for b in bits]
-            for i in range(q.n_weight):
-                wb[q.layer_names[i]] = rounded[i]
-            for i in range(q.n_weight, len(q)):
-                ab[q.layer_names[i]] = rounded[i]
-            pairs = [(r, n) for r, n in zip(rounded[:q.n_weight], q.weight_numel) if r is not None]
-            if pairs:
-                avg_w = sum(r * n for r, n in pairs) / sum(n for _, n in pairs)
-            acts = [r for r in rounded[q.n_weight:] if r is not None]
-            if acts:
-                avg_a = sum(acts) / len(acts)
+        wb, ab, avg_w, avg_a = self._quant.rounded_bits()
         in_joint = plan.stage(self._step) == "joint" or plan.stage(k) == "joint"
         return {
             "stage": plan.stage(k),
@@ -485,31 +382,14 @@ class QASSO(torch.optim.Optimizer):
         with ``torch.load(path, weights_only=True)``.
         """
         sd = self._inner.state_dict()
-        plan = self._plan
-        k = max(self._step - 1, 0)
         sd["qasso"] = {
-            "format": _STATE_FORMAT,
-            "config": self.cfg.to_dict(),
-            "search_space": self._space,
-            "variant": self.variant,
-            "step": self._step,
-            "stage": plan.stage(k),
-            "total_steps": plan.total_steps,
-            "schedule": [plan.schedule.warmup_end, plan.schedule.projection_end,
-                         plan.schedule.joint_end],
-            "num_groups": plan.num_groups,
+            "format": _STATE_FORMAT, "config": self.cfg.to_dict(), "search_space": self._space,
+            "variant": self.variant, "step": self._step, **self._plan.state(self._step),
             "num_quantizers": [self._quant.n_weight, self._quant.n_act],
-            "period": self._units.period,
-            "active_units": list(self._units.active),
-            "pruned_units": self.pruned_units,
-            "b_u_weight": plan.weight_upper(k),
-            "b_u_act": plan.act_upper(k),
+            **self._units.progress_state(self._saliency_steps[1] >= 0),
             "frozen_bits": None if self._bits.frozen_bits is None
             else [int(b) for b in self._bits.frozen_bits.cpu().tolist()],
-            "achieved_units": self._units.achieved,
-            "forget_budget_bound_steps": self._units.budget_bound_steps,
             "skipped_steps": self._skipped,
-            "saliency": self._units.saliency_state() if self._saliency_steps[1] >= 0 else None,
         }
         return sd
 
@@ -528,21 +408,7 @@ class QASSO(torch.optim.Optimizer):
         s = state_dict["qasso"]
         check_state(s, self.cfg, self._space)
         plan = self._plan
-        checks = {
-            "variant": (s.get("variant"), self.variant),
-            "total_steps": (s.get("total_steps"), plan.total_steps),
-            "schedule": (list(s.get("schedule") or []), [plan.schedule.warmup_end,
-                                                         plan.schedule.projection_end,
-                                                         plan.schedule.joint_end]),
-            "num_groups": (s.get("num_groups"), plan.num_groups),
-            "num_quantizers": (list(s.get("num_quantizers") or []),
-                               [self._quant.n_weight, self._quant.n_act]),
-        }
-        for key, (saved, mine) in checks.items():
-            if saved != mine:
-                raise ValueError(f"QASSO.load_state_dict: the saved {key} is {saved!r} but this "
-                                 f"optimizer has {mine!r}; build it with the same model, QADG, "
-                                 "GETAConfig, variant and total_steps")
+        check_same_run(s, self.variant, plan, [self._quant.n_weight, self._quant.n_act])
         check_progress(s, plan.num_groups, len(self._quant), plan.pruning_periods)
         self._units.check_saliency_state(s.get("saliency"))
         inner_sd = {k: v for k, v in state_dict.items() if k != "qasso"}
@@ -550,14 +416,8 @@ class QASSO(torch.optim.Optimizer):
         self.param_groups = self._inner.param_groups
         self.state = self._inner.state
         self._step = int(s["step"])
-        units = self._units
-        units.period = int(s["period"])
-        units.set_pruned(s["pruned_units"])
-        units.set_active(s["active_units"])
-        units.achieved = s.get("achieved_units")
-        units.budget_bound_steps = int(s.get("forget_budget_bound_steps", 0))
+        self._units.load_progress(s)
         fb = s.get("frozen_bits")
         self._bits.set_frozen(None if fb is None else torch.tensor(fb, dtype=torch.float32,
                                                                    device=self._quant.device))
         self._skipped = int(s.get("skipped_steps", 0))
-        units.load_saliency_state(s.get("saliency"))

@@ -128,6 +128,15 @@ class StagePlan:
         first_len = self.period_start(1) - self.period_start(0)
         return max(0, self.period_start(0) - first_len), self.period_start(P - 1)
 
+    def state(self, step: int) -> dict:
+        """The schedule as a checkpoint records it, after ``step`` completed steps."""
+        k = max(step - 1, 0)
+        sched = self.schedule
+        return {"stage": self.stage(k), "total_steps": self.total_steps,
+                "schedule": [sched.warmup_end, sched.projection_end, sched.joint_end],
+                "num_groups": self.num_groups, "b_u_weight": self.weight_upper(k),
+                "b_u_act": self.act_upper(k)}
+
     def cumulative_target(self, p: int) -> int:
         """Units that should be pruned once period ``p`` is committed (``K // P`` per period,
         the last period takes the remainder)."""

@@ -20,7 +20,8 @@ from ..config import MAX_BITS, MIN_BITS, GETAConfig
 from ..graph.qadg import QADG
 from .layout import QuantTable
 
-__all__ = ["STATE_FORMAT", "StateMismatchError", "search_space", "check_state", "check_progress"]
+__all__ = ["STATE_FORMAT", "StateMismatchError", "search_space", "check_state", "check_progress",
+           "check_same_run"]
 
 STATE_FORMAT = "geta_hf.QASSO/3"
 _OLD_FORMATS = ("geta_hf.QASSO/1", "geta_hf.QASSO/2")
@@ -116,6 +117,26 @@ def check_state(saved: Mapping[str, Any], cfg: GETAConfig, space: Mapping[str, A
             f"{who}: the state was saved on another search space "
             f"({_space_differences(saved['search_space'], space)}); resume with the same model, "
             "QADG and quantized layers", ["search_space"])
+
+
+def check_same_run(s: Mapping[str, Any], variant: str, plan, num_quantizers: Sequence[int]) -> None:
+    """The saved variant, step count, schedule, unit count and quantizer counts must equal this
+    optimizer's (``plan``: its :class:`~geta_hf.optim.schedule.StagePlan`); ``ValueError``
+    naming the first that differs."""
+    sched = plan.schedule
+    checks = {
+        "variant": (s.get("variant"), variant),
+        "total_steps": (s.get("total_steps"), plan.total_steps),
+        "schedule": (list(s.get("schedule") or []),
+                     [sched.warmup_end, sched.projection_end, sched.joint_end]),
+        "num_groups": (s.get("num_groups"), plan.num_groups),
+        "num_quantizers": (list(s.get("num_quantizers") or []), list(num_quantizers)),
+    }
+    for key, (saved, mine) in checks.items():
+        if saved != mine:
+            raise ValueError(f"QASSO.load_state_dict: the saved {key} is {saved!r} but this "
+                             f"optimizer has {mine!r}; build it with the same model, QADG, "
+                             "GETAConfig, variant and total_steps")
 
 
 def _int(v: Any) -> bool:
