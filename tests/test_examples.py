@@ -13,13 +13,19 @@ if not os.path.exists(SLICE):
     SLICE = "/work/shared/data/squad-v2-dev-slice.json"
 
 
-def _run_qa_module():
+def script_module(name: str):
+    """``scripts/<name>.py`` imported as a module."""
+    import importlib
+
     sys.path.insert(0, os.path.join(ROOT, "scripts"))
     try:
-        import run_qa
+        return importlib.import_module(name)
     finally:
         sys.path.pop(0)
-    return run_qa
+
+
+def _run_qa_module():
+    return script_module("run_qa")
 
 
 def test_run_qa_end_to_end_on_the_real_squad_slice(tmp_path, minilm):

@@ -222,66 +222,14 @@ def _lora_bert(adapter_seed=0):
 
 
 def test_peft_checkpoint_resumes_inside_the_joint_stage_bit_identically(tmp_path):
-    from test_trainer import _final_params, geta_args, qa_rows
+    from test_trainer import check_resume_inside_joint_stage, qa_rows
 
     from geta_hf import GETATrainer
 
-    rows = qa_rows()
-    full = GETATrainer(model=_lora_bert(), args=geta_args(tmp_path / "full"), train_dataset=rows)
-    full.train()
-    ref = _final_params(full.model)
-    args = geta_args(tmp_path / "cut", save_strategy="steps", save_steps=20, max_steps=40)
-    first = GETATrainer(model=_lora_bert(), args=args, train_dataset=rows)
-
-    class Stop(tf.TrainerCallback):
-        def on_step_end(self, a, state, control, **kw):
-            if state.global_step == 21:
-                control.should_training_stop = True
-            return control
-
-    first.add_callback(Stop())
-    first.train()
-    assert first.geta_optimizer.describe()["stage"] == "joint"
-    ckpt = tmp_path / "cut" / "checkpoint-20"
+    ckpt, args = check_resume_inside_joint_stage(tmp_path, _lora_bert,
+                                                 lambda: _lora_bert(adapter_seed=1))
     assert (ckpt / "adapter_model.safetensors").is_file()
-    assert (ckpt / "geta_base_state.safetensors").is_file()
-    resumed = GETATrainer(model=_lora_bert(adapter_seed=1), args=args, train_dataset=rows)
-    resumed.train(resume_from_checkpoint=str(ckpt))
-    got = _final_params(resumed.model)
-    assert ref.keys() == got.keys()
-    for n in ref:
-        assert torch.equal(ref[n], got[n]), n
-
     (ckpt / "geta_base_state.safetensors").unlink()
-    again = GETATrainer(model=_lora_bert(adapter_seed=1), args=args, train_dataset=rows)
+    again = GETATrainer(model=_lora_bert(adapter_seed=1), args=args, train_dataset=qa_rows())
     with pytest.raises(ValueError, match="geta_base_state"):
         again.train(resume_from_checkpoint=str(ckpt))
-
-
-def test_geta_on_a_transformers_model_with_an_injected_adapter(tmp_path):
-    """transformers' own PEFT integration (``model.add_adapter`` = peft's
-    ``inject_adapter_in_model``): the model stays a transformers model holding LoRA layers."""
-    from test_trainer import geta_args, qa_rows, tiny_bert_qa
-
-    from geta_hf import GETATrainer
-
-    model = tiny_bert_qa(dropout=0.0)
-    cfg = peft.LoraConfig(r=4, target_modules=["query", "value", "dense"], lora_dropout=0.0)
-    if _peft_at_least("0.22"):
-        model.add_adapter(cfg)
-    else:
-        peft.inject_adapter_in_model(cfg, model)
-    for n, p in model.named_parameters():
-        p.requires_grad_("lora_" in n or "qa_outputs" in n)
-    trainer = GETATrainer(model=model, args=geta_args(tmp_path), train_dataset=qa_rows())
-    trainer.train()
-    assert int((trainer.qadg.group_norms(model) == 0).sum()) == int(0.5 * trainer.qadg.num_groups)
-    inputs = {k: torch.stack([r[k] for r in qa_rows(4, seed=9)]) for k in ("input_ids", "attention_mask")}
-    model.eval()
-    with torch.no_grad():
-        ref = model(**inputs).start_logits
-    trainer.save_compressed(str(tmp_path / "c"))
-    back = tf.AutoModelForQuestionAnswering.from_pretrained(str(tmp_path / "c")).eval()
-    with torch.no_grad():
-        assert (back(**inputs).start_logits - ref).abs().max().item() <= 1e-4
-    assert not peft_model_like(back)

@@ -6,11 +6,12 @@ are measured in the README."""
 
 import json
 import os
-import sys
 
 import pytest
 import torch
 import transformers as tf
+
+from test_examples import script_module
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SQUAD = os.path.join(ROOT, "..", "shared", "data", "squad-v1.1-dev-38.json")
@@ -19,12 +20,7 @@ if not os.path.exists(SQUAD):
 
 
 def _run_clm_module():
-    sys.path.insert(0, os.path.join(ROOT, "scripts"))
-    try:
-        import run_clm
-    finally:
-        sys.path.pop(0)
-    return run_clm
+    return script_module("run_clm")
 
 
 @pytest.fixture(scope="module")

@@ -89,14 +89,16 @@ def _final_params(model):
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-def test_resume_inside_joint_stage_is_bit_identical(tmp_path):
+def check_resume_inside_joint_stage(tmp_path, make_model, make_resumed_model):
+    """Train to the end; train again stopping after step 21 (checkpoint at 20, inside the joint
+    stage: steps 16..31), resume a fresh model from the checkpoint: the final parameters must be
+    equal. Returns the checkpoint folder and the run's arguments."""
     rows = qa_rows()
-    full = GETATrainer(model=tiny_bert_qa(), args=geta_args(tmp_path / "full"), train_dataset=rows)
+    full = GETATrainer(model=make_model(), args=geta_args(tmp_path / "full"), train_dataset=rows)
     full.train()
     ref = _final_params(full.model)
-    # interrupted run: checkpoint at step 20 (the joint stage spans steps 16..31), then stop
     args = geta_args(tmp_path / "cut", save_strategy="steps", save_steps=20, max_steps=40)
-    first = GETATrainer(model=tiny_bert_qa(), args=args, train_dataset=rows)
+    first = GETATrainer(model=make_model(), args=args, train_dataset=rows)
 
     class Stop(tf.TrainerCallback):
         def on_step_end(self, a, state, control, **kw):
@@ -109,12 +111,17 @@ def test_resume_inside_joint_stage_is_bit_identical(tmp_path):
     assert first.geta_optimizer.describe()["stage"] == "joint"
     ckpt = tmp_path / "cut" / "checkpoint-20"
     assert ckpt.is_dir()
-    resumed = GETATrainer(model=tiny_bert_qa(seed=1), args=args, train_dataset=rows)
+    resumed = GETATrainer(model=make_resumed_model(), args=args, train_dataset=rows)
     resumed.train(resume_from_checkpoint=str(ckpt))
     got = _final_params(resumed.model)
     assert ref.keys() == got.keys()
     for n in ref:
         assert torch.equal(ref[n], got[n]), n
+    return ckpt, args
+
+
+def test_resume_inside_joint_stage_is_bit_identical(tmp_path):
+    check_resume_inside_joint_stage(tmp_path, tiny_bert_qa, lambda: tiny_bert_qa(seed=1))
 
 
 def test_gradient_accumulation_selects_the_same_units(tmp_path):

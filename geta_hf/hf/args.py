@@ -99,25 +99,29 @@ _HINTS = get_type_hints(GETAConfig)
 _CONFIG_FIELDS = [(f, _HINTS[f.name]) for f in dataclasses.fields(GETAConfig)]
 
 
+def _flag(default: Any, help_text: str, **extra: Any) -> dataclasses.Field:
+    """A trainer-side flag: its default and ``--help`` text (plus e.g. ``choices``)."""
+    return field(default=default, metadata={"help": help_text, **extra})
+
+
 @dataclass
 class _GETATrainerArguments(TrainingArguments):
     """The trainer-side GETA flags (not GETAConfig fields)."""
 
-    geta_restart_compression_on_resume: bool = field(default=False, metadata={
-        "help": "Resuming from a checkpoint without optimizer state (e.g. save_only_model=True) is "
-                "refused, because GETA's compression state is lost; with this flag the compression "
-                "restarts from the checkpoint's weights over the remaining steps instead."})
-    geta_optimizer: str = field(default="adamw", metadata={
-        "help": "Dense update of QASSO: 'adamw', 'adam' or 'sgd'.", "choices": ["adamw", "adam", "sgd"]})
-    geta_tune_cpu_allocator: bool = field(default=True, metadata={
-        "help": "On Linux/CPU, keep freed tensors in the glibc heap (avoids page-fault storms)."})
-    geta_distillation_weight: float = field(default=0.5, metadata={
-        "help": "Knowledge distillation: weight w in [0, 1] of the KD term, loss = (1 - w) * task "
-                "loss + w * KD. Used only when the trainer gets a teacher_model."})
-    geta_distillation_temperature: float = field(default=2.0, metadata={
-        "help": "Knowledge distillation: softmax temperature T > 0 of the logit KD term (scaled by "
-                "T^2). Used only when the trainer gets a teacher_model."})
-
+    geta_restart_compression_on_resume: bool = _flag(
+        False, "Resuming from a checkpoint without optimizer state (e.g. save_only_model=True) "
+        "is refused, because GETA's compression state is lost; with this flag the compression "
+        "restarts from the checkpoint's weights over the remaining steps instead.")
+    geta_optimizer: str = _flag("adamw", "Dense update of QASSO: 'adamw', 'adam' or 'sgd'.",
+                                choices=["adamw", "adam", "sgd"])
+    geta_tune_cpu_allocator: bool = _flag(
+        True, "On Linux/CPU, keep freed tensors in the glibc heap (avoids page-fault storms).")
+    geta_distillation_weight: float = _flag(
+        0.5, "Knowledge distillation: weight w in [0, 1] of the KD term, loss = (1 - w) * task "
+        "loss + w * KD. Used only when the trainer gets a teacher_model.")
+    geta_distillation_temperature: float = _flag(
+        2.0, "Knowledge distillation: softmax temperature T > 0 of the logit KD term (scaled by "
+        "T^2). Used only when the trainer gets a teacher_model.")
 
 def _post_init(self) -> None:
     TrainingArguments.__post_init__(self)
