@@ -338,7 +338,7 @@ class KeepUnitsZero(_callback_base()):
         self.qadg, self.model, self.ids = qadg, model, list(unit_ids)
 
     def on_optimizer_step(self, args, state, control, **kwargs):
-        self.qadg.zero_groups(self.model, self.ids)
+        self.qadg.zero_units(self.model, self.ids)
         return control
 
 
@@ -372,10 +372,10 @@ def magnitude_units(model: nn.Module, qadg, k: int) -> List[int]:
     sizes = torch.tensor([f.num_units for f in fams], dtype=torch.long)
     per_unit = torch.repeat_interleave(
         torch.tensor([float(f.group_params_per_unit) for f in fams]), sizes)
-    scores = qadg.group_norms(model).cpu() / per_unit.sqrt()
+    scores = qadg.unit_norms(model).cpu() / per_unit.sqrt()
     family_of_unit = torch.repeat_interleave(torch.arange(len(fams)), sizes)
     floors = [kept_floor(f.num_units, f.min_units, 1) for f in fams]
-    return select_units(scores, torch.ones(qadg.num_groups, dtype=torch.bool), family_of_unit,
+    return select_units(scores, torch.ones(qadg.num_units, dtype=torch.bool), family_of_unit,
                         [f.num_units for f in fams], [f.num_units for f in fams], floors, 1, k)
 
 
@@ -635,9 +635,9 @@ class Runner:
         s = run.setting.sparsity
         model = self._dense_half()
         qadg = geta_hf.build_qadg(model, self.task.example_inputs())
-        k = target_units(s, qadg.num_groups)
+        k = target_units(s, qadg.num_units)
         units = magnitude_units(model, qadg, k)
-        qadg.zero_groups(model, units)
+        qadg.zero_units(model, units)
         steps = self.hp.steps - self.hp.steps // 2
         # a different data order than the first half, which the dense run already consumed
         args = training_args(transformers.TrainingArguments, self._out(run.name), self.hp, steps,
@@ -656,7 +656,7 @@ class Runner:
                      note="sequential before quantization")]
         ptq_rows, used_bits = self._ptq_rows(run, model, qadg, run.ptq)
         extra = {"train_seconds": secs, "pruned_units": len(units), "target_units": k,
-                 "num_groups": qadg.num_groups, "ptq_bits": used_bits}
+                 "num_groups": qadg.num_units, "ptq_bits": used_bits}
         return rows + ptq_rows, extra
 
     def _ptq_rows(self, run: Run, model: nn.Module, qadg, targets: Sequence[Setting]):

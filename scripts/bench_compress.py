@@ -40,13 +40,13 @@ def main(argv=None) -> dict:
 
     small = copy.deepcopy(dense)
     qadg = geta_hf.build_qadg(small, {k: v[:2, :64] for k, v in batch.items()})
-    norms = qadg.group_norms(small)
+    norms = qadg.unit_norms(small)
     drop = []
     for f in qadg.families:
         k = int(f.num_units * args.fraction)
         order = torch.argsort(norms[f.offset:f.offset + f.num_units], stable=True)
         drop += (order[:k] + f.offset).tolist()
-    qadg.zero_groups(small, drop)
+    qadg.zero_units(small, drop)
     geta_hf.compress_model(small, qadg)
 
     stats = geta_hf.model_stats(small, batch, reference=dense)

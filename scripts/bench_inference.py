@@ -54,7 +54,7 @@ def compress_randomly(dense, calib, fraction: float, wbits, abits, seed: int = 0
     for f in qadg.families:
         k = min(int(f.num_units * fraction), f.num_units - max(1, f.min_units))
         drop += (torch.randperm(f.num_units, generator=g)[:k] + f.offset).tolist()
-    qadg.zero_groups(model, drop)
+    qadg.zero_units(model, drop)
     geta_hf.compress_model(model, qadg)
     return model.eval()
 

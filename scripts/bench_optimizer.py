@@ -86,7 +86,7 @@ def main(argv=None) -> dict:
 
     info = qopt.describe()
     print(f"MiniLM-L6 QA ({sum(p.numel() for p in qmodel.parameters()) / 1e6:.1f}M params, "
-          f"{qadg.num_groups} prunable units), weight_bits (4, 8)"
+          f"{qadg.num_units} prunable units), weight_bits (4, 8)"
           + (f", activation_bits {act}" if act else "") + f", {args.threads} threads, "
           f"{n} steps per stage, median per stage")
     print(f"{'stage':<22} {'steps':>5} {'QASSO ms':>9} {'AdamW ms':>9} {'ratio':>6} {'target':>7}")

@@ -53,7 +53,7 @@ def main(argv=None) -> dict:
         model = transformers.LlamaForCausalLM(cfg).eval()
         total, cap, q = _time_build(model, {"input_ids": ids}, args.reps)
         results["llama"][n] = total
-        print(f"{n:>6} {total:8.2f} {cap:9.2f} {total - cap:10.2f} {total / n:8.3f} {q.num_groups:>6}")
+        print(f"{n:>6} {total:8.2f} {cap:9.2f} {total - cap:10.2f} {total / n:8.3f} {q.num_units:>6}")
     ls = sorted(results["llama"])
     if len(ls) >= 2:
         lo, hi = ls[0], ls[-1]
@@ -72,7 +72,7 @@ def main(argv=None) -> dict:
         total, cap, q = _time_build(model, dict(enc), args.reps)
         results["minilm"] = total
         print(f"MiniLM-L6 QA (batch 8 x 128): build {total:.2f} s (export {cap:.2f} s), "
-              f"{len(q.families)} families, {q.num_groups} units   target <= 3 s")
+              f"{len(q.families)} families, {q.num_units} units   target <= 3 s")
     return results
 
 

@@ -65,11 +65,11 @@ def selections(model, qadg, task, sparsity: float, batches: int) -> Dict[str, Li
     n = [f.num_units for f in fams]
     fou = torch.repeat_interleave(torch.arange(len(fams)), torch.tensor(n))
     floors = [kept_floor(f.num_units, f.min_units, 1) for f in fams]
-    k = target_units(sparsity, qadg.num_groups)
+    k = target_units(sparsity, qadg.num_units)
     scores = {"rms": st.sq_x.sqrt() / st.numel.sqrt(),
               "geta": importance_scores(st, {c: 0.2 for c in IMPORTANCE_CRITERIA}),
               "taylor1": importance_scores(st, {"taylor_first_order": 1.0})}
-    return {name: select_units(s, torch.ones(qadg.num_groups, dtype=torch.bool), fou, n, n,
+    return {name: select_units(s, torch.ones(qadg.num_units, dtype=torch.bool), fou, n, n,
                                floors, 1, k) for name, s in scores.items()}
 
 
@@ -106,7 +106,7 @@ def main() -> None:
     chosen = selections(model, qadg, task, args.sparsity, args.grad_batches)
     for name, units in chosen.items():
         pruned = copy.deepcopy(model)
-        qadg.zero_groups(pruned, units)
+        qadg.zero_units(pruned, units)
         per = [sum(f.offset <= u < f.offset + f.num_units for u in units) for f in qadg.families]
         f1 = task.score(pruned)["f1"]
         sc.log(f"{name}: overlap with rms {len(set(units) & set(chosen['rms'])) / len(units):.3f}, "

@@ -60,7 +60,7 @@ class BopsEstimator:
 
     def _kept(self, model: nn.Module, norms: Optional[torch.Tensor]) -> List[float]:
         if norms is None:
-            norms = self.qadg.group_norms(model)
+            norms = self.qadg.unit_norms(model)
         kept = []
         for f in self.qadg.families:
             n = norms[f.offset:f.offset + f.num_units]

@@ -168,7 +168,7 @@ def _compress(model: nn.Module, qadg: QADG, params: Dict[str, nn.Parameter], pac
               journal: Journal) -> Dict[str, Any]:
     """Slice the zeroed units out and pack the quantized layers, recording every change in
     ``journal``; returns the architecture record (``model.geta_arch``)."""
-    norms = qadg.group_norms(model)
+    norms = qadg.unit_norms(model)
     slices: Dict[str, List[Tuple[int, torch.Tensor]]] = defaultdict(list)
     families: Dict[str, Any] = {}
     module_attrs: Dict[str, Dict[str, Any]] = defaultdict(dict)

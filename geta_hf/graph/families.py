@@ -10,7 +10,7 @@ import torch
 
 from .propagate import Propagator, contracted_param_dims
 from .spaces import PROD, SpaceAlgebra, _prod
-from .units import Family, Member
+from .units import Family, Member, Role, UnitKind
 
 __all__ = ["find_families"]
 
@@ -38,7 +38,8 @@ def find_families(prop: Propagator, order: Dict[str, int], min_units: int
             continue
         members.sort(key=lambda m: (order.get(m.param, _LAST), m.dim))
         consumers.sort(key=lambda m: (order.get(m.param, _LAST), m.dim))
-        kind = "kv_groups" if c in kv_like else ("heads" if c in heads_like else "channels")
+        kind = (UnitKind.KV_GROUPS if c in kv_like else
+                UnitKind.HEADS if c in heads_like else UnitKind.CHANNELS)
         layer = _layer_name([m.module for m in members + consumers])
         families.append(Family(name="", kind=kind, layer=layer, num_units=n,
                                min_units=min(max(1, min_units), n), members=members,
@@ -46,8 +47,7 @@ def find_families(prop: Propagator, order: Dict[str, int], min_units: int
                                head_dim=heads_like.get(c, 0)))
     families = _drop_nested(families, rejected)
     families.sort(key=lambda f: order.get(f.members[0].param, _LAST))
-    _name(families)
-    return families, rejected
+    return _named(families), rejected
 
 
 def _candidate_spaces(prop: Propagator, roles) -> List[int]:
@@ -96,12 +96,12 @@ def _unit_members(prop: Propagator, c: int, roles, contains
         m, bad = _member(S, name, dim, atom, c, prop.param_shapes[name], roles.get((name, dim)))
         if bad is not None:
             return members, consumers, bad
-        (consumers if m.role == "in" else members).append(m)
+        (consumers if m.role == Role.IN else members).append(m)
     if S.has_tag(c, "expand"):
         # query heads sharing one key/value head (MQA): zero query rows give uniform attention
         # over the shared values, not a zero output, so the unit's output columns must be
         # zeroed (and scored) with it to make its contribution vanish
-        members += [replace(m, role="out") for m in consumers]
+        members += [replace(m, role=Role.OUT) for m in consumers]
         consumers = []
     return members, consumers, None if members else "no parameter produces it"
 
@@ -118,7 +118,7 @@ def _member(S: SpaceAlgebra, name: str, dim: int, atom: int, c: int, shape: Sequ
         return None, f"{name} dim {dim} holds the units unevenly"
     index = torch.argsort(lab[lab >= 0], stable=True)
     pos = torch.nonzero(lab >= 0).reshape(-1)[index].reshape(n, -1)
-    return Member(param=name, dim=dim, index=pos, role="in" if contracted else "out",
+    return Member(param=name, dim=dim, index=pos, role=Role.IN if contracted else Role.OUT,
                   size=shape[dim], numel=_prod(shape)), None
 
 
@@ -137,13 +137,15 @@ def _drop_nested(families: List[Family], rejected: List[Tuple[str, str]]) -> Lis
     return kept
 
 
-def _name(families: Sequence[Family]) -> None:
-    """``<layer>.<kind>``, with ``#2``, ``#3``... for repeats."""
+def _named(families: Sequence[Family]) -> List[Family]:
+    """The families named ``<layer>.<kind>``, with ``#2``, ``#3``... for repeats."""
     seen: Dict[str, int] = {}
+    out = []
     for f in families:
         base = f"{f.layer or '<model>'}.{f.kind}"
         seen[base] = seen.get(base, 0) + 1
-        f.name = base if seen[base] == 1 else f"{base}#{seen[base]}"
+        out.append(replace(f, name=base if seen[base] == 1 else f"{base}#{seen[base]}"))
+    return out
 
 
 def _layer_name(modules: Sequence[str]) -> str:

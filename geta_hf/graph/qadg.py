@@ -21,6 +21,8 @@ import hashlib
 import json
 import logging
 import time
+import warnings
+from dataclasses import replace
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -43,21 +45,31 @@ class QADG:
     (``family.offset .. family.offset + family.num_units - 1``).
     """
 
-    def __init__(self, families: List[Family], unprunable: List[Tuple[str, str]],
-                 model_name: str, unknown_ops: List[Tuple[str, str]]) -> None:
+    def __init__(self, families: Sequence[Family], unprunable: Sequence[Tuple[str, str]],
+                 model_name: str, unknown_ops: Sequence[Tuple[str, str]], *,
+                 known_params: Sequence[str] = (), timings: Optional[Dict[str, float]] = None,
+                 example_inputs: Optional[Dict[str, torch.Tensor]] = None) -> None:
         self._families = list(families)
         #: (description, reason) of index spaces that were considered and rejected
         self.unprunable = list(unprunable)
         self.model_name = model_name
         self.unknown_ops = list(unknown_ops)
+        #: every parameter name of the analysed model (for :meth:`mark_unprunable`)
+        self.known_params: List[str] = list(known_params)
+        #: seconds spent capturing the graph and analysing it
+        self.timings: Dict[str, float] = dict(timings or {})
+        #: the batch the graph was captured with (verifies compression when none is given)
+        self.example_inputs = example_inputs
         self._reindex()
 
     # ------------------------------------------------------------------ structure
     def _reindex(self) -> None:
-        off = 0
+        """Give the families consecutive global unit ids (families are immutable: re-made)."""
+        off, fams = 0, []
         for f in self._families:
-            f.offset = off
+            fams.append(f if f.offset == off else replace(f, offset=off))
             off += f.num_units
+        self._families = fams
         self._num_groups = off
         self._family_of_unit = torch.repeat_interleave(
             torch.arange(len(self._families)),
@@ -70,8 +82,14 @@ class QADG:
         return list(self._families)
 
     @property
-    def num_groups(self) -> int:
+    def num_units(self) -> int:
         """Total number of prunable units (heads + kv-groups + channels)."""
+        return self._num_groups
+
+    @property
+    def num_groups(self) -> int:
+        """Deprecated alias of :attr:`num_units` (GETA's paper calls a unit's slices a group)."""
+        _deprecated("num_groups", "num_units")
         return self._num_groups
 
     def family(self, name: str) -> Family:
@@ -102,9 +120,19 @@ class QADG:
         idx = m.index.reshape(-1).to(p.device)
         return p.index_select(m.dim, idx).movedim(m.dim, 0).reshape(u, -1)
 
-    @torch.no_grad()
     def group_norms(self, model: nn.Module) -> torch.Tensor:
-        """One L2 norm per unit over its group members (1-D tensor of length ``num_groups``)."""
+        """Deprecated alias of :meth:`unit_norms`."""
+        _deprecated("group_norms", "unit_norms")
+        return self.unit_norms(model)
+
+    def zero_groups(self, model: nn.Module, unit_ids: Union[Iterable[int], torch.Tensor]) -> None:
+        """Deprecated alias of :meth:`zero_units`."""
+        _deprecated("zero_groups", "zero_units")
+        self.zero_units(model, unit_ids)
+
+    @torch.no_grad()
+    def unit_norms(self, model: nn.Module) -> torch.Tensor:
+        """One L2 norm per unit over its group members (1-D tensor of length ``num_units``)."""
         params = self._param_table(model)
         out = []
         for f in self._families:
@@ -118,7 +146,7 @@ class QADG:
         return torch.cat(out)
 
     @torch.no_grad()
-    def zero_groups(self, model: nn.Module, unit_ids: Union[Iterable[int], torch.Tensor]) -> None:
+    def zero_units(self, model: nn.Module, unit_ids: Union[Iterable[int], torch.Tensor]) -> None:
         """Set every group member slice of the given units to exactly 0 (consumers untouched).
 
         Refuses (``ValueError``) to leave a family with fewer than ``min_units`` non-zero units.
@@ -128,9 +156,9 @@ class QADG:
         if ids.numel() == 0:
             return
         if int(ids.min()) < 0 or int(ids.max()) >= self._num_groups:
-            raise IndexError(f"zero_groups: unit ids must lie in [0, {self._num_groups})")
+            raise IndexError(f"zero_units: unit ids must lie in [0, {self._num_groups})")
         params = self._param_table(model)
-        norms = self.group_norms(model)
+        norms = self.unit_norms(model)
         fam_idx = self._family_of_unit[ids]
         for fi in fam_idx.unique().tolist():
             f = self._families[fi]
@@ -140,7 +168,7 @@ class QADG:
             kept = f.num_units - int(already.sum())
             if kept < f.min_units:
                 raise ValueError(
-                    f"zero_groups: family {f.name} ({f.num_units} {f.kind}) must keep at least "
+                    f"zero_units: family {f.name} ({f.num_units} {f.kind}) must keep at least "
                     f"{f.min_units} unit(s); zeroing {local.tolist()} would leave {kept}")
             for m in f.members:
                 p = params[m.param]
@@ -157,7 +185,7 @@ class QADG:
         """
         if isinstance(names, str):
             names = [names]
-        known = set(self._known_params)
+        known = set(self.known_params)
         if model is not None:
             known |= {n for n, _ in model.named_parameters()}
         removed = []
@@ -232,13 +260,13 @@ class QADG:
         return "\n".join(lines)
 
     def __repr__(self) -> str:
-        return f"QADG({self.model_name}, families={len(self._families)}, num_groups={self._num_groups})"
+        return f"QADG({self.model_name}, families={len(self._families)}, num_units={self._num_groups})"
 
-    _known_params: List[str] = []
-    #: seconds spent capturing the graph and analysing it (set by build_qadg)
-    timings: Dict[str, float] = {}
-    #: the batch the graph was captured with (used to verify compression)
-    example_inputs: Optional[Dict[str, torch.Tensor]] = None
+
+
+def _deprecated(old: str, new: str) -> None:
+    warnings.warn(f"QADG.{old} is deprecated and will be removed in the next release; use "
+                  f"QADG.{new}", DeprecationWarning, stacklevel=3)
 
 
 def _name_matches(param: str, pattern: str) -> bool:
@@ -271,15 +299,14 @@ def build_qadg(model: nn.Module, example_inputs, cfg=None, *, min_units: Optiona
     prop = Propagator(cap).run()
     order = {name: i for i, (name, _) in enumerate(model.named_parameters())}
     families, rejected = find_families(prop, order, min_units)
-    qadg = QADG(families, rejected, type(model).__name__, prop.unknown)
-    qadg._known_params = [n for n, _ in model.named_parameters()]
-    qadg.timings = {"capture_s": t1 - t0, "analysis_s": time.perf_counter() - t1}
-    qadg.example_inputs = dict(example_inputs)
+    qadg = QADG(families, rejected, type(model).__name__, prop.unknown,
+                known_params=list(order), example_inputs=dict(example_inputs),
+                timings={"capture_s": t1 - t0, "analysis_s": time.perf_counter() - t1})
     if cfg is not None and cfg.unprunable_modules:
         qadg.mark_unprunable(list(cfg.unprunable_modules))
     if cfg is None or not cfg.compress_frozen:
         qadg.exclude_frozen(model)
-    if qadg.num_groups == 0:
+    if qadg.num_units == 0:
         if cfg is not None and cfg.target_group_sparsity == 0:
             # quantization-only training needs no search space: say so, do not fail
             logger.warning("build_qadg: %s has no prunable unit; fine for target_group_sparsity=0 "

@@ -1,17 +1,44 @@
-"""The units of a search space: `Member` (the slices of one parameter a family's units own) and
-`Family` (the units of one index space). See :mod:`geta_hf.graph.qadg` for the vocabulary."""
+"""The units of a search space, as immutable records: `Member` (the slices of one parameter
+that a family's units own) and `Family` (the units of one index space), with the enums
+`UnitKind` and `Role`. See :mod:`geta_hf.graph.qadg` for the vocabulary."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List
+from enum import Enum
+from typing import List, Tuple
 
 import torch
 
-__all__ = ["Member", "Family"]
+__all__ = ["UnitKind", "Role", "Member", "Family"]
 
 
-@dataclass
+class _StrEnum(str, Enum):
+    """An enum whose members are their string values (equal to, formatted and serialised as)."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+
+class UnitKind(_StrEnum):
+    """What one unit of a family is."""
+
+    HEADS = "heads"  #: an attention head
+    KV_GROUPS = "kv_groups"  #: a key/value head with the query heads that share it (GQA/MQA)
+    CHANNELS = "channels"  #: an MLP (or other) channel
+
+
+class Role(_StrEnum):
+    """What a member's slices are to the unit."""
+
+    OUT = "out"  #: group member: producer rows, biases, head-carrying parameters (zeroed, scored)
+    IN = "in"  #: consumer: input columns of a layer that reads the unit (removed with it)
+
+
+@dataclass(frozen=True, eq=False)
 class Member:
     """The slices of one parameter that belong to the units of a family."""
 
@@ -19,9 +46,12 @@ class Member:
     dim: int
     #: ``(num_units, width)`` long tensor: positions along ``dim`` owned by each unit
     index: torch.Tensor
-    role: str  # "out" (group member) or "in" (consumer columns)
+    role: Role
     size: int  # the parameter's size along ``dim``
     numel: int  # the parameter's number of elements
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "role", Role(self.role))
 
     @property
     def width(self) -> int:
@@ -45,22 +75,27 @@ class Member:
         return n == self.size and bool(torch.equal(self.index.reshape(-1), torch.arange(n)))
 
 
-@dataclass
+@dataclass(frozen=True, eq=False)
 class Family:
     """The units of one index space (e.g. the heads of one attention layer)."""
 
     name: str
-    kind: str  # "heads", "kv_groups" or "channels"
+    kind: UnitKind
     layer: str
     num_units: int
     min_units: int
-    members: List[Member]
-    consumers: List[Member] = field(default_factory=list)
+    members: Tuple[Member, ...]
+    consumers: Tuple[Member, ...] = field(default_factory=tuple)
     offset: int = 0  # global id of unit 0
     #: query heads per unit (GQA group size for kv-groups, 1 otherwise)
     heads_per_unit: int = 1
     #: size of one head (0 for channel families)
     head_dim: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kind", UnitKind(self.kind))
+        object.__setattr__(self, "members", tuple(self.members))
+        object.__setattr__(self, "consumers", tuple(self.consumers))
 
     @property
     def params(self) -> List[str]:

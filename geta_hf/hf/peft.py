@@ -201,10 +201,9 @@ def adapter_members(qadg: QADG, model: nn.Module) -> QADG:
                                         int(a_w.shape[1]), a_w.numel()))
                 added.append(consumers[-1].param)
         families.append(dataclasses.replace(f, members=members, consumers=consumers))
-    out = QADG(families, qadg.unprunable, qadg.model_name, qadg.unknown_ops)
-    out._known_params = list(qadg._known_params) + added
-    out.timings, out.example_inputs = qadg.timings, qadg.example_inputs
-    return out
+    return QADG(families, qadg.unprunable, qadg.model_name, qadg.unknown_ops,
+                known_params=list(qadg.known_params) + added, timings=qadg.timings,
+                example_inputs=qadg.example_inputs)
 
 
 def merged_base_model(model: nn.Module) -> nn.Module:

@@ -89,10 +89,10 @@ def unit_sums(members: Sequence[MemberRef], qadg: QADG,
 
     ``x_of(m)`` / ``g_of(m)``: the tensor, shaped like ``m.param``, to read for member ``m``
     (``g_of`` may return ``None``: ``g = 0`` there). Returns three 1-D tensors of length
-    ``qadg.num_groups`` on the members' device."""
+    ``qadg.num_units`` on the members' device."""
     fams = qadg.families
     dev = members[0].param.device if members else torch.device("cpu")
-    sq_x, sq_g, dot = (torch.zeros(qadg.num_groups, device=dev) for _ in range(3))
+    sq_x, sq_g, dot = (torch.zeros(qadg.num_units, device=dev) for _ in range(3))
     for m in members:
         f = fams[m.family]
         sl = slice(f.offset, f.offset + f.num_units)
@@ -128,7 +128,7 @@ class PruningController:
         self.member_params = list({id(m.param): m.param for m in self.members}.values())
         # mutable state (checkpointed by QASSO)
         self.period = -1
-        self.pruned = torch.zeros(qadg.num_groups, dtype=torch.bool)
+        self.pruned = torch.zeros(qadg.num_units, dtype=torch.bool)
         self.active: List[int] = []
         self.layout: Optional[ActiveLayout] = None
         self.achieved: Optional[int] = None
@@ -219,7 +219,7 @@ class PruningController:
     # ------------------------------------------------------------------ gradient saliency
     def reset_saliency(self) -> None:
         """Forget the accumulated gradient statistics (after each selection)."""
-        n, dev = self.qadg.num_groups, self.device
+        n, dev = self.qadg.num_units, self.device
         self.saliency_steps = 0  # a host-side count: no sync
         self._acc = {k: torch.zeros(n, device=dev) for k in ("dot", "dot_sq", "sq_g")}
 
@@ -307,7 +307,7 @@ class PruningController:
 
     def set_pruned(self, ids: Sequence[int]) -> None:
         """Set the committed units to exactly ``ids`` (checkpoint loading)."""
-        self.pruned = torch.zeros(self.qadg.num_groups, dtype=torch.bool)
+        self.pruned = torch.zeros(self.qadg.num_units, dtype=torch.bool)
         if ids:
             self.pruned[torch.tensor(list(ids), dtype=torch.long)] = True
         self.rebuild_pruned_rows()

@@ -159,7 +159,7 @@ class QASSO(torch.optim.Optimizer):
 
         # ---- schedule and the two controllers
         self._weights = weights
-        self._plan = StagePlan.from_config(cfg, total_steps, qadg.num_groups)
+        self._plan = StagePlan.from_config(cfg, total_steps, qadg.num_units)
         self._units = PruningController(model, qadg, cfg, self._plan, named, self._quant.weights)
         #: steps whose loss gradients feed the saliency (empty unless importance_source="gradient")
         self._saliency_steps = (self._plan.saliency_steps() if cfg.importance_source == "gradient"
@@ -344,7 +344,7 @@ class QASSO(torch.optim.Optimizer):
         """
         plan = self._plan
         k = max(self._step - 1, 0)
-        norms = self.qadg.group_norms(self._model).cpu()
+        norms = self.qadg.unit_norms(self._model).cpu()
         zero = (norms == 0) | self._units.pruned
         n_zero = int(zero.sum())
         wb, ab, avg_w, avg_a = self._quant.rounded_bits()
