@@ -92,3 +92,43 @@ def test_registration_errors_name_the_class():
                                       in_attr="n_in", out_attr="n_out")
     with pytest.raises(TypeError, match="a tuple of names"):
         registry.register_shape_attributes(query="num_heads")
+
+
+class _SortedTransposedMLP(nn.Module):
+    """A made-up architecture: TransposedLinear layers around an op the analysis does not know
+    (``sort`` over the batch)."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = TransposedLinear(8, 12), TransposedLinear(12, 3)
+
+    def forward(self, x):
+        return self.down(torch.sort(torch.relu(self.up(x)), dim=0).values)
+
+
+def test_a_made_up_op_and_layer_type_build_and_compress_through_public_registration(
+        transposed_registered, monkeypatch):
+    """Only the public registration points (``register_linear_type``, ``register_op``): the toy
+    model is quantized, analysed, pruned and compressed exactly."""
+    import geta_hf.graph.propagate as propagate
+
+    monkeypatch.setattr(propagate, "_REGISTERED", {})  # undo register_op after the test
+    geta_hf.register_op(torch.ops.aten.sort, "along_dim")
+    torch.manual_seed(0)
+    model = _SortedTransposedMLP()
+    x = {"x": torch.randn(5, 8)}
+    geta_hf.prepare_model(model, GETAConfig(weight_bits=(4, 8)))
+    assert {type(m) for _, m in quant_layers(model)} == {QuantTransposedLinear}
+    q = geta_hf.build_qadg(model, x)
+    assert [(f.kind, f.num_units) for f in q.families] == [("channels", 12)]
+    for _, m in quant_layers(model):
+        m.weight_quantizer.set_bits(5)
+    q.zero_units(model, range(0, 12, 2))
+    model.eval()
+    with torch.no_grad():
+        ref = model(**x)
+    geta_hf.compress_model(model, q, example_inputs=x)
+    with torch.no_grad():
+        out = model(**x)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+    assert model.up.out_features == model.down.in_features == 6
