@@ -31,7 +31,7 @@ from torch import nn
 from .capture import GraphCaptureError, capture_graph
 from .families import find_families
 from .propagate import Propagator
-from .units import Family, Member
+from .units import Family, Member, unit_slices
 
 __all__ = ["Member", "Family", "QADG", "build_qadg"]
 
@@ -114,11 +114,7 @@ class QADG:
     @staticmethod
     def unit_slices(p: torch.Tensor, m: Member) -> torch.Tensor:
         """``(num_units, -1)`` view/copy of ``p``'s entries owned by each unit of member ``m``."""
-        u = m.index.shape[0]
-        if m.contiguous:
-            return p.movedim(m.dim, 0).reshape(u, -1)
-        idx = m.index.reshape(-1).to(p.device)
-        return p.index_select(m.dim, idx).movedim(m.dim, 0).reshape(u, -1)
+        return unit_slices(p, m.dim, m.index, m.contiguous)
 
     def group_norms(self, model: nn.Module) -> torch.Tensor:
         """Deprecated alias of :meth:`unit_norms`."""

@@ -10,7 +10,7 @@ from typing import List, Tuple
 
 import torch
 
-__all__ = ["UnitKind", "Role", "Member", "Family"]
+__all__ = ["UnitKind", "Role", "Member", "Family", "unit_slices"]
 
 
 class _StrEnum(str, Enum):
@@ -111,3 +111,14 @@ class Family:
     def group_params_per_unit(self) -> int:
         """Parameter entries one unit owns in its members (the slices QASSO scores and forgets)."""
         return sum(m.params_per_unit for m in self.members)
+
+
+def unit_slices(t: torch.Tensor, dim: int, index: torch.Tensor, contiguous: bool) -> torch.Tensor:
+    """``(num_units, -1)`` entries of ``t`` owned by each unit: ``index`` is the
+    ``(num_units, width)`` table of positions along ``dim``; ``contiguous`` when unit ``u`` owns
+    positions ``u*width .. (u+1)*width - 1`` of the whole dim (a view then, else a copy)."""
+    units = index.shape[0]
+    if contiguous:
+        return t.movedim(dim, 0).reshape(units, -1)
+    idx = index.reshape(-1).to(t.device)
+    return t.index_select(dim, idx).movedim(dim, 0).reshape(units, -1)

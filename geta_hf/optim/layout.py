@@ -18,6 +18,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from ..graph.units import unit_slices
 from ..quant.functional import EPS
 from ..quant.layers import quant_layers
 
@@ -174,10 +175,7 @@ class MemberRef:
 
     def unit_view(self, t: torch.Tensor) -> torch.Tensor:
         """``(num_units, -1)`` entries of ``t`` (shaped like the parameter) owned by each unit."""
-        units = self.index.shape[0]
-        if self.contiguous:
-            return t.movedim(self.dim, 0).reshape(units, -1)
-        return t.index_select(self.dim, self.index.reshape(-1)).movedim(self.dim, 0).reshape(units, -1)
+        return unit_slices(t, self.dim, self.index, self.contiguous)
 
 
 class _Slot:
