@@ -174,7 +174,7 @@ def _compress(model: nn.Module, qadg: QADG, params: Dict[str, nn.Parameter], pac
     module_attrs: Dict[str, Dict[str, Any]] = defaultdict(dict)
     for f in qadg.families:
         keep = _kept_units(f, norms[f.offset:f.offset + f.num_units])
-        families[f.name] = {"kind": f.kind, "layer": f.layer, "units": f.num_units,
+        families[f.name] = {"kind": f.kind.value, "layer": f.layer, "units": f.num_units,
                             "kept": keep.tolist()}
         if keep.numel() == f.num_units:
             continue

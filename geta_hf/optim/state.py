@@ -48,7 +48,7 @@ def search_space(qadg: QADG, quant: QuantTable) -> Dict[str, Any]:
     h = hashlib.sha256(qadg.fingerprint().encode())
     h.update(json.dumps(quantizers).encode())
     return {"fingerprint": h.hexdigest(),
-            "families": [[f.name, f.kind, f.num_units] for f in qadg.families],
+            "families": [[f.name, f.kind.value, f.num_units] for f in qadg.families],
             "quantizers": quantizers}
 
 
