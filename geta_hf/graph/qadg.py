@@ -5,7 +5,7 @@ MLP channel. The units of one index space form a *family* (usually: the heads of
 layer, the channels of one MLP). Each unit owns slices of parameters:
 
 * group members (role ``"out"``): the producer rows, biases and head-carrying parameters whose
-  zeroing makes the unit's contribution vanish (method §2.1.4); they are what the optimizer
+  zeroing makes the unit's contribution vanish (method §2.1); they are what the optimizer
   scores, forgets and zeroes;
 * consumers (role ``"in"``): the input columns of the layers that read the unit; they are
   removed together with the unit when the model is compressed.
