@@ -1,5 +1,6 @@
 """PEFT / LoRA on a GETA-compressed model (issue #18): peft targets the packed layers."""
 
+import peft  # a test dependency ("pip install -e .[test]"): the tests fail, not skip, without it
 import pytest
 import torch
 import transformers as tf
@@ -8,8 +9,6 @@ import geta_hf
 from geta_hf.compress import PackedQuantLinear
 
 from test_int_inference import compress_tiny, outputs, packed_layers
-
-peft = pytest.importorskip("peft")
 
 # (tiny family, Auto class, peft task type, LoRA targets)
 CASES = {
