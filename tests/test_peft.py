@@ -232,3 +232,32 @@ def test_peft_checkpoint_resumes_inside_the_joint_stage_bit_identically(tmp_path
     again = GETATrainer(model=_lora_bert(adapter_seed=1), args=args, train_dataset=qa_rows())
     with pytest.raises(ValueError, match="geta_base_state"):
         again.train(resume_from_checkpoint=str(ckpt))
+
+
+def test_geta_on_a_transformers_model_with_an_injected_adapter(tmp_path):
+    """transformers' own PEFT integration (``model.add_adapter`` = peft's
+    ``inject_adapter_in_model``): the model stays a transformers model holding LoRA layers."""
+    from test_trainer import geta_args, qa_rows, tiny_bert_qa
+
+    from geta_hf import GETATrainer
+
+    model = tiny_bert_qa(dropout=0.0)
+    cfg = peft.LoraConfig(r=4, target_modules=["query", "value", "dense"], lora_dropout=0.0)
+    if _peft_at_least("0.22"):
+        model.add_adapter(cfg)
+    else:
+        peft.inject_adapter_in_model(cfg, model)
+    for n, p in model.named_parameters():
+        p.requires_grad_("lora_" in n or "qa_outputs" in n)
+    trainer = GETATrainer(model=model, args=geta_args(tmp_path), train_dataset=qa_rows())
+    trainer.train()
+    assert int((trainer.qadg.group_norms(model) == 0).sum()) == int(0.5 * trainer.qadg.num_groups)
+    inputs = {k: torch.stack([r[k] for r in qa_rows(4, seed=9)]) for k in ("input_ids", "attention_mask")}
+    model.eval()
+    with torch.no_grad():
+        ref = model(**inputs).start_logits
+    trainer.save_compressed(str(tmp_path / "c"))
+    back = tf.AutoModelForQuestionAnswering.from_pretrained(str(tmp_path / "c")).eval()
+    with torch.no_grad():
+        assert (back(**inputs).start_logits - ref).abs().max().item() <= 1e-4
+    assert not peft_model_like(back)
