@@ -29,6 +29,7 @@ With ``GETATrainer(model=peft_model)`` (a ``peft.PeftModel`` whose adapter is Lo
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import logging
 import types
 import os
@@ -120,15 +121,9 @@ def run_config(cfg: GETAConfig, model: nn.Module) -> GETAConfig:
     quantized. ``cfg`` itself is unchanged."""
     names = [n for n, _ in model.named_modules()]
     extra = [p for p in ("*.lora_A.*", "*.lora_B.*", "*.original_module", "*.original_module.*")
-             if any(_glob(n, p) for n in names) and p not in cfg.exclude_modules]
+             if any(fnmatch.fnmatchcase(n, p) for n in names) and p not in cfg.exclude_modules]
     return dataclasses.replace(cfg, compress_frozen=True,
                                exclude_modules=tuple(cfg.exclude_modules) + tuple(extra))
-
-
-def _glob(name: str, pattern: str) -> bool:
-    import fnmatch
-
-    return fnmatch.fnmatchcase(name, pattern)
 
 
 class _LoraDelta:
