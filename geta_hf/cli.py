@@ -12,7 +12,7 @@ __all__ = ["main", "build_parser"]
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .examples.demo import run_demo
 
     run_demo(out_dir=args.output_dir, quick=args.quick, seed=args.seed)
     return 0

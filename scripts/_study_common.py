@@ -23,7 +23,7 @@ learning rate and LR schedule (``constant_with_warmup``, 10% warm-up):
 
 A task (QA or causal LM) supplies the model, data and metric through :class:`Task`; this module
 runs the methods, measures every resulting model with the library's own code
-(:func:`geta_hf.model_stats`, :func:`geta_hf.tasks.latency`, the saved ``model.safetensors``),
+(:func:`geta_hf.model_stats`, :func:`geta_hf.examples.tasks.latency`, the saved ``model.safetensors``),
 keeps one JSON file per run (so an interrupted study resumes); :mod:`_study_report` renders
 the markdown and plots from those records.
 """
@@ -456,7 +456,7 @@ def measure(task: Task, model: nn.Module, save: Callable[[str], Any], work_dir: 
     ``save(dir)`` writes the checkpoint whose ``*.safetensors`` size is reported (removed after).
     """
     import geta_hf
-    from geta_hf.tasks import latency
+    from geta_hf.examples.tasks import latency
 
     model.eval()
     os.makedirs(work_dir, exist_ok=True)

@@ -311,7 +311,7 @@ the task head) and the mean input bits; relative BOPs (`model_stats`: MACs x wei
 input bits, attention products at 32 x 32, vs. the dense fp32 model) and parameters are
 counted on the evaluation batch shape given below; "size on disk" is the saved
 `model.safetensors` (bit-packed codes for compressed models; the embeddings stay fp32); CPU
-latency is the median of 5 forward passes (`geta_hf.tasks.latency`, {threads} thread(s)).
+latency is the median of 5 forward passes (`geta_hf.examples.tasks.latency`, {threads} thread(s)).
 Values are the mean (± sample standard deviation when more than one seed ran).
 """
 

@@ -108,7 +108,7 @@ def documents(path: str, eval_fraction: float, seed: int) -> Tuple[List[str], Li
     if not os.path.isfile(path):
         raise SystemExit(f"run_clm: --train_file {path!r} does not exist")
     if path.endswith(".json"):
-        from geta_hf.data import load_squad_json, split_by_article
+        from geta_hf.examples.data import load_squad_json, split_by_article
 
         train, held = split_by_article(load_squad_json(path), eval_fraction=eval_fraction, seed=seed)
         return (list(dict.fromkeys(train["context"])), list(dict.fromkeys(held["context"])))

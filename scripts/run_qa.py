@@ -45,10 +45,11 @@ from transformers import AutoModelForQuestionAnswering, AutoTokenizer, HfArgumen
 import geta_hf
 from geta_hf import GETATrainer, GETATrainingArguments
 from geta_hf.compress import CompressedArch
-from geta_hf.data import (generate_squad, load_squad_json, prepare_eval_features,
-                          prepare_train_features, split_by_article)
+from geta_hf.examples.data import (generate_squad, load_squad_json, prepare_eval_features,
+                                   prepare_train_features, split_by_article)
 from geta_hf.hf.resume import last_complete_checkpoint
-from geta_hf.tasks import QuestionAnsweringMixin, QuestionAnsweringTrainer, example_batch, latency
+from geta_hf.examples.tasks import (QuestionAnsweringMixin, QuestionAnsweringTrainer, example_batch,
+                                    latency)
 
 logger = logging.getLogger("run_qa")
 

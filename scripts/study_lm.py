@@ -75,7 +75,7 @@ def paragraphs(squad_json) -> List[str]:
 
 def load_texts(args) -> tuple:
     """(train paragraphs, eval paragraphs, description) from the SQuAD slice or generated data."""
-    from geta_hf.data import generate_squad, split_by_article
+    from geta_hf.examples.data import generate_squad, split_by_article
 
     if os.path.exists(args.squad_file):
         train, evl = split_by_article(args.squad_file, eval_fraction=0.34, seed=0)

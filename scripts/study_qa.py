@@ -65,8 +65,8 @@ class QATask(sc.Task):
     def __init__(self, dataset: str, train_examples, eval_examples, max_length: int,
                  doc_stride: int, batch_size: int, calibration_batches: int,
                  stats_rows: int = 8) -> None:
-        from geta_hf.demo import load_minilm_qa
-        from geta_hf.tasks import build_features
+        from geta_hf.examples.demo import load_minilm_qa
+        from geta_hf.examples.tasks import build_features
 
         self.dataset = dataset
         self._load = load_minilm_qa
@@ -88,7 +88,7 @@ class QATask(sc.Task):
         return model
 
     def _rows(self, start: int, n: int) -> Dict[str, torch.Tensor]:
-        from geta_hf.tasks import MODEL_COLUMNS
+        from geta_hf.examples.tasks import MODEL_COLUMNS
 
         cols = [c for c in MODEL_COLUMNS if c in self.train_dataset.column_names]
         data = self.train_dataset.with_format("torch", columns=cols)[start:start + n]
@@ -101,19 +101,19 @@ class QATask(sc.Task):
         return [self._rows(i * self.batch_size, self.batch_size) for i in range(self.n_calib)]
 
     def stats_batch(self):
-        from geta_hf.tasks import example_batch
+        from geta_hf.examples.tasks import example_batch
 
         return example_batch(self.eval_features, self.stats_rows)
 
     def score(self, model):
-        from geta_hf.tasks import evaluate_qa
+        from geta_hf.examples.tasks import evaluate_qa
 
         return evaluate_qa(model, self.eval_examples, self.eval_features)
 
 
 def load_examples(dataset: str, args) -> tuple:
     """(train, eval) ``datasets.Dataset`` of SQuAD examples for ``dataset``, or None if absent."""
-    from geta_hf.data import generate_squad, load_squad_json, split_by_article
+    from geta_hf.examples.data import generate_squad, load_squad_json, split_by_article
 
     if dataset == "generated":
         train_json, eval_json = generate_squad(args.num_train, args.num_eval, seed=0)
@@ -220,7 +220,7 @@ def render(store: sc.RunStore, hp: sc.Hyper, args) -> str:
 
 def _dataset_text(dataset: str, sizes: Dict) -> str:
     if dataset == "generated":
-        text = ("Generated SQuAD-format data (`geta_hf.data.generate_squad`, data seed 0; train "
+        text = ("Generated SQuAD-format data (`geta_hf.examples.data.generate_squad`, data seed 0; train "
                 "and eval use disjoint entity pools).")
     elif dataset == "squad11":
         text = ("Real SQuAD v1.1 (`../shared/data/squad-v1.1-dev-38.json`, 38 articles of the "

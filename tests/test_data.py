@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from geta_hf.data import (
+from geta_hf.examples.data import (
     SquadFormatError, entity_pools, generate_squad, load_squad_json, normalize_answer,
     postprocess_predictions, postprocess_qa_predictions, prepare_eval_features,
     prepare_train_features, split_by_article, squad_metrics, squad_v2_metrics, write_squad_json,
@@ -70,7 +70,7 @@ def test_generator_is_deterministic_across_processes(synthetic):
     import subprocess
     import sys
 
-    import geta_hf.data.synthetic_squad as mod
+    import geta_hf.examples.data.synthetic_squad as mod
 
     # load the module file alone (stdlib only), so the child does not import torch
     code = ("import hashlib, importlib.util, json, sys; "
@@ -467,7 +467,7 @@ def test_squad_v2_metrics_hand_computed():
 
 
 def test_squad_v2_metrics_on_answerable_data_agree_with_torchmetrics(squad_slice):
-    from geta_hf.tasks import squad_scores
+    from geta_hf.examples.tasks import squad_scores
 
     rng = np.random.default_rng(2)
     preds = {r["id"]: (r["answers"]["text"][-1] if rng.random() < 0.4 else

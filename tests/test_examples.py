@@ -56,7 +56,7 @@ def test_run_qa_end_to_end_on_the_real_squad_slice(tmp_path, minilm):
 
 def test_demo_quick_and_report_cli(tmp_path):
     from geta_hf.cli import main
-    from geta_hf.demo import run_demo
+    from geta_hf.examples.demo import run_demo
 
     res = run_demo(out_dir=str(tmp_path / "demo"), quick=True)
     assert "BOPs" in res["table"] and "size on disk" in res["table"] and "F1" in res["table"]
@@ -72,3 +72,24 @@ def test_console_help():
     assert r.returncode == 0 and "demo" in r.stdout and "report" in r.stdout
     r = subprocess.run([sys.executable, "-m", "geta_hf.cli", "demo", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "--quick" in r.stdout
+
+
+def test_examples_are_outside_the_library_import_path_and_old_names_still_import():
+    """`import geta_hf` loads no example code; geta_hf.demo/.data/.tasks (and their submodules)
+    are the moved modules themselves, with a DeprecationWarning."""
+    code = (
+        "import sys, warnings\n"
+        "import geta_hf\n"
+        "assert not [m for m in sys.modules if m.startswith('geta_hf.examples')]\n"
+        "import geta_hf.examples.data.qa as new_qa, geta_hf.examples.tasks as new_tasks\n"
+        "import geta_hf.examples.demo as new_demo\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import geta_hf.data.qa as old_qa\n"
+        "    from geta_hf.tasks import evaluate_qa\n"
+        "    from geta_hf import demo as old_demo\n"
+        "assert old_qa is new_qa and evaluate_qa is new_tasks.evaluate_qa and old_demo is new_demo\n"
+        "moved = sorted(str(x.message).split()[0] for x in w if x.category is DeprecationWarning)\n"
+        "assert moved == ['geta_hf.data', 'geta_hf.demo', 'geta_hf.tasks'], moved\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]

@@ -158,7 +158,7 @@ def test_two_process_eval_gathers_every_feature(trained, tmp_path):
 
 
 def test_squad_v2_reports_has_ans_and_no_ans(trained, tmp_path):
-    from geta_hf.data import load_squad_json
+    from geta_hf.examples.data import load_squad_json
 
     result, stdout = _main(["--model_name_or_path", str(trained["out"] / "compressed"),
                             "--validation_file", SLICE, "--version_2_with_negative",
@@ -214,7 +214,7 @@ def test_clear_errors_before_any_work(tiny_dir, tmp_path, monkeypatch):
     # a Hub dataset with unanswerable questions (squad_v2) needs --version_2_with_negative
     import datasets
 
-    from geta_hf.data import load_squad_json
+    from geta_hf.examples.data import load_squad_json
 
     v2 = datasets.DatasetDict(validation=load_squad_json(SLICE, answerable_only=False))
     monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: v2)

@@ -1,17 +1,5 @@
-"""Extractive-QA data: an offline SQuAD-format generator, SQuAD JSON I/O, and the HF QA pipeline."""
+"""Deprecated name of :mod:`geta_hf.examples.data` (kept for one release)."""
 
-from .qa import (
-    QAPredictions, normalize_answer, postprocess_predictions, postprocess_qa_predictions,
-    prepare_eval_features, prepare_train_features, squad_metrics, squad_v2_metrics,
-)
-from .synthetic_squad import (
-    SquadFormatError, entity_pools, generate_squad, load_squad_json, split_by_article,
-    write_squad_json,
-)
+from .._moved import alias_module
 
-__all__ = [
-    "generate_squad", "entity_pools", "write_squad_json", "load_squad_json", "split_by_article",
-    "SquadFormatError", "prepare_train_features", "prepare_eval_features",
-    "postprocess_predictions", "postprocess_qa_predictions", "QAPredictions", "squad_metrics",
-    "squad_v2_metrics", "normalize_answer",
-]
+alias_module(__name__, "geta_hf.examples.data", ("qa", "synthetic_squad"))

@@ -1,7 +1,5 @@
-"""Task-level helpers shared by the example scripts, the demo and the studies."""
+"""Deprecated name of :mod:`geta_hf.examples.tasks` (kept for one release)."""
 
-from .qa import MODEL_COLUMNS, QAFeatures, build_features, evaluate_qa, example_batch, latency
-from .qa_trainer import POSTPROCESS_COLUMNS, QuestionAnsweringMixin, QuestionAnsweringTrainer, squad_scores
+from .._moved import alias_module
 
-__all__ = ["QAFeatures", "build_features", "evaluate_qa", "latency", "example_batch", "MODEL_COLUMNS",
-           "QuestionAnsweringMixin", "QuestionAnsweringTrainer", "squad_scores", "POSTPROCESS_COLUMNS"]
+alias_module(__name__, "geta_hf.examples.tasks", ("qa", "qa_trainer"))

@@ -4,7 +4,7 @@
 (as transformers' example ``QuestionAnsweringTrainer`` does): the evaluation features keep the
 columns that map logits back to text (``example_id``, ``offset_mapping``, ``cls_index``), the
 model sees only its inputs, and after the Trainer's own loop the logits are post-processed
-(:func:`geta_hf.data.postprocess_qa_predictions`) and scored (:func:`squad_scores`). So
+(:func:`geta_hf.examples.data.postprocess_qa_predictions`) and scored (:func:`squad_scores`). So
 ``eval_exact_match``/``eval_f1`` are logged (TensorBoard, W&B, ``trainer.state.log_history``),
 usable as ``metric_for_best_model`` and written by ``save_metrics``.
 
@@ -40,7 +40,7 @@ def squad_scores(predictions: Dict[str, str], examples,
 
     SQuAD v1.1: torchmetrics' maintained ``squad`` metric (``exact_match``, ``f1``); every
     example needs a reference answer. SQuAD v2.0 (torchmetrics has none):
-    :func:`geta_hf.data.squad_v2_metrics` (``exact_match``, ``f1``, ``total`` and the
+    :func:`geta_hf.examples.data.squad_v2_metrics` (``exact_match``, ``f1``, ``total`` and the
     ``HasAns_*``/``NoAns_*`` scores).
     """
     if version_2_with_negative:
@@ -79,7 +79,7 @@ class QuestionAnsweringMixin:
     """Trainer mixin: SQuAD post-processing and EM/F1 in ``evaluate``/``predict``.
 
     Keyword arguments (the rest go to the Trainer): ``eval_examples`` (the SQuAD examples that
-    ``eval_dataset``'s features were made from, by :func:`geta_hf.data.prepare_eval_features`),
+    ``eval_dataset``'s features were made from, by :func:`geta_hf.examples.data.prepare_eval_features`),
     ``version_2_with_negative`` and ``null_score_diff_threshold`` (SQuAD v2 null answers),
     ``n_best_size`` and ``max_answer_length`` (span search).
 
@@ -87,7 +87,7 @@ class QuestionAnsweringMixin:
     ``{prefix}_exact_match``/``{prefix}_f1`` (and for v2 ``{prefix}_HasAns_f1`` etc.), logged and
     passed to the callbacks like any Trainer metric. ``predict(test_dataset, ...,
     test_examples=...)`` returns a ``PredictionOutput`` whose ``predictions`` is the
-    :class:`geta_hf.data.QAPredictions` (answers, n-best lists, null odds) and whose metrics hold
+    :class:`geta_hf.examples.data.QAPredictions` (answers, n-best lists, null odds) and whose metrics hold
     EM/F1 when the examples have an ``answers`` column.
     """
 
@@ -116,7 +116,7 @@ class QuestionAnsweringMixin:
         missing = [c for c in ("example_id", "offset_mapping") if c not in features.column_names]
         if missing:
             raise KeyError(f"{type(self).__name__}.{where}: the features have no {missing} column(s); "
-                           "make them with geta_hf.data.prepare_eval_features")
+                           "make them with geta_hf.examples.data.prepare_eval_features")
         self._qa_pass = _QAPass(examples, features)
         try:
             yield self._qa_pass

@@ -55,8 +55,8 @@ def evaluate_qa(model: nn.Module, eval_examples, eval_features, batch_size: int 
     """Exact match and F1 (0-100) of ``model`` on SQuAD-style evaluation features.
 
     Runs the model in eval mode over the features, maps the best spans back to answer text with
-    :func:`geta_hf.data.postprocess_predictions` and scores them with
-    :func:`geta_hf.data.squad_metrics`.
+    :func:`geta_hf.examples.data.postprocess_predictions` and scores them with
+    :func:`geta_hf.examples.data.squad_metrics`.
     """
     was_training = model.training
     model.eval()
