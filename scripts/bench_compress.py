@@ -39,7 +39,8 @@ def main(argv=None) -> dict:
     batch = make_batch(args.batch, args.seq, dense.config.vocab_size, labels=False)
 
     small = copy.deepcopy(dense)
-    qadg = geta_hf.build_qadg(small, {k: v[:2, :64] for k, v in batch.items()})
+    example = {k: v[:2, :64] for k, v in batch.items()}
+    qadg = geta_hf.build_qadg(small, example)
     norms = qadg.unit_norms(small)
     drop = []
     for f in qadg.families:
@@ -47,7 +48,7 @@ def main(argv=None) -> dict:
         order = torch.argsort(norms[f.offset:f.offset + f.num_units], stable=True)
         drop += (order[:k] + f.offset).tolist()
     qadg.zero_units(small, drop)
-    geta_hf.compress_model(small, qadg)
+    geta_hf.compress_model(small, qadg, example_inputs=example)
 
     stats = geta_hf.model_stats(small, batch, reference=dense)
     mac_ratio = stats["reference"]["macs"] / stats["macs"]

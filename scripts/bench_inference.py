@@ -49,13 +49,14 @@ def compress_randomly(dense, calib, fraction: float, wbits, abits, seed: int = 0
     g = torch.Generator().manual_seed(seed)
     for _, m in quant_layers(model):
         m.weight_quantizer.set_bits(int(torch.randint(wbits[0], wbits[1] + 1, (), generator=g)))
-    qadg = geta_hf.build_qadg(model, {k: v[:2, :32] for k, v in calib[0].items()})
+    example = {k: v[:2, :32] for k, v in calib[0].items()}
+    qadg = geta_hf.build_qadg(model, example)
     drop = []
     for f in qadg.families:
         k = min(int(f.num_units * fraction), f.num_units - max(1, f.min_units))
         drop += (torch.randperm(f.num_units, generator=g)[:k] + f.offset).tolist()
     qadg.zero_units(model, drop)
-    geta_hf.compress_model(model, qadg)
+    geta_hf.compress_model(model, qadg, example_inputs=example)
     return model.eval()
 
 

@@ -49,7 +49,7 @@ def _compress_randomly(model, make, seed=0, acts=True, fixed_bits=None):
     for f in q.families:
         ids += (torch.randperm(f.num_units, generator=g)[: f.num_units // 2] + f.offset).tolist()
     q.zero_groups(model, ids)
-    geta_hf.compress_model(model, q)
+    geta_hf.compress_model(model, q, example_inputs=make(0))
     return cfg
 
 
@@ -197,7 +197,8 @@ def test_loading_without_geta_hf_fails_loudly(tmp_path):
     model, make = build("bert")
     geta_hf.prepare_model(model, GETAConfig(weight_bits=(4, 8)))
     q = build_qadg(model, make(0))
-    geta_hf.compress_model(model, q)  # quantized, nothing pruned: shapes alone would not differ
+    # quantized, nothing pruned: shapes alone would not differ
+    geta_hf.compress_model(model, q, example_inputs=make(0))
     geta_hf.save_compressed(model, str(tmp_path / "ck"))
     code = ("import transformers as tf\n"
             f"tf.AutoModelForQuestionAnswering.from_pretrained({str(tmp_path / 'ck')!r})\n"

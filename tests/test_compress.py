@@ -60,7 +60,7 @@ def _check(model, make, quantize, acts=True):
     removed = _zero_half(q, model)
     expected = _expected_shapes(q, model, removed)
     ref = [_outputs(model, make(s)) for s in (1, 2)]
-    compress_model(model, q)
+    compress_model(model, q, example_inputs=make(0))
     for s, r in zip((1, 2), ref):
         out = _outputs(model, make(s))
         assert len(out) == len(r)
@@ -177,9 +177,27 @@ def test_compress_refuses_twice_and_foreign_qadg():
     other, _ = build("llama")
     with pytest.raises(ValueError, match="does not belong to this model"):
         compress_model(other, q)
-    compress_model(model, q)
+    compress_model(model, q, example_inputs=make(0))
     with pytest.raises(ValueError, match="already compressed"):
+        compress_model(model, q, example_inputs=make(0))
+
+
+def test_qadg_keeps_no_data_and_compress_without_inputs_warns(caplog):
+    """A QADG is structure only; compress_model verifies on the inputs it is given, and
+    without them checks the structure and says that the outputs were not compared."""
+    model, make = build("bert")
+    q = build_qadg(model, make(0))
+    assert not any(isinstance(v, dict) for v in vars(q).values() if v is not q.timings)
+    with pytest.raises(AttributeError, match="keeps no data"):
+        q.example_inputs
+    _zero_half(q, model)
+    with torch.no_grad():
+        ref = model(**make(1)).start_logits
+    with caplog.at_level("WARNING", logger="geta_hf.compress.subnet"):
         compress_model(model, q)
+    assert "not checked" in caplog.text
+    with torch.no_grad():
+        assert torch.allclose(model(**make(1)).start_logits, ref, atol=1e-4)
 
 
 def test_compress_keeps_at_least_one_unit():
@@ -190,7 +208,7 @@ def test_compress_keeps_at_least_one_unit():
         params = dict(model.named_parameters())
         for m in fam.members:
             params[m.param].index_fill_(m.dim, m.index.reshape(-1), 0.0)
-    compress_model(model, q)
+    compress_model(model, q, example_inputs=make(0))
     assert model.bert.encoder.layer[0].intermediate.dense.out_features == 1
 
 
@@ -209,7 +227,7 @@ def test_verification_catches_a_broken_forward():
     registry._SHAPE_ATTRS["size"] = tuple(n for n in names if n != "split_size")
     try:
         with pytest.raises(CompressionError, match="no longer runs|differs"):
-            compress_model(model, q)
+            compress_model(model, q, example_inputs=make(0))
     finally:
         registry._SHAPE_ATTRS["size"] = names
 
@@ -259,7 +277,7 @@ def test_macs_by_hand_tiny_llama_after_compression():
     # remove one kv-group (2 query heads) and 24 channels in layer 0 only
     kv0, mlp0 = q.families[0], q.families[1]
     q.zero_groups(model, [kv0.offset + 1] + list(range(mlp0.offset, mlp0.offset + 24)))
-    compress_model(model, q)
+    compress_model(model, q, example_inputs=make(0))
     layer0 = (T * H * 16 + 2 * T * H * 8 + T * 16 * H + 3 * T * H * 24 + 2 * 2 * 12 * 12 * 16)
     layer1 = T * H * 32 + 2 * T * H * 16 + T * 32 * H + 3 * T * H * I + 2 * 4 * 12 * 12 * 16
     s = model_stats(model, inputs)
@@ -275,7 +293,7 @@ def test_report_writes_markdown_and_plots(tmp_path):
     _randomise_bits(model)
     q = build_qadg(model, make(0))
     _zero_half(q, model)
-    compress_model(model, q)
+    compress_model(model, q, example_inputs=make(0))
     out = geta_hf.report(model, make(0), str(tmp_path), eval_results={"f1": 80.5})
     files = out["files"]
     for key in ("markdown", "json", "bits", "units"):

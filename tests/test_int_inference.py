@@ -43,7 +43,7 @@ def compress_tiny(name, *, weight_bits=BITS, act_bits=(8, 8), quantizer="linear"
         k = min(f.num_units // 2, f.num_units - f.min_units)
         ids += (torch.randperm(f.num_units, generator=g)[:k] + f.offset).tolist()
     q.zero_groups(model, ids)
-    geta_hf.compress_model(model, q)
+    geta_hf.compress_model(model, q, example_inputs=make(0))
     return model.eval(), make
 
 
@@ -68,7 +68,7 @@ def compress_minilm(base, tok, seed=0):
     q.zero_groups(model, [u for f in q.families for u in
                           (torch.randperm(f.num_units, generator=g)[: f.num_units // 2]
                            + f.offset).tolist()])
-    geta_hf.compress_model(model, q)
+    geta_hf.compress_model(model, q, example_inputs=batch)
     return model.eval(), batch
 
 

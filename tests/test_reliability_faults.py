@@ -216,7 +216,7 @@ def _compressed_bert(tmp_path):
     qadg = build_qadg(model, make(0))
     g = torch.Generator().manual_seed(0)
     qadg.zero_groups(model, torch.randperm(qadg.num_groups, generator=g)[: qadg.num_groups // 2].tolist())
-    geta_hf.compress_model(model, qadg)
+    geta_hf.compress_model(model, qadg, example_inputs=make(0))
     path = tmp_path / "good"
     geta_hf.save_compressed(model, str(path))
     return model, path

@@ -138,7 +138,7 @@ def test_weights_shared_across_layers_prune_together():
     with torch.no_grad():
         ref = model(**inputs).start_logits
     n_before = sum(p.numel() for p in model.parameters())
-    geta_hf.compress_model(model, qadg)
+    geta_hf.compress_model(model, qadg, example_inputs=inputs)
     with torch.no_grad():
         out = model(**inputs).start_logits
     assert (out - ref).abs().max() <= 1e-5
@@ -162,7 +162,7 @@ def test_sparsity_that_would_empty_a_layer_keeps_min_units(caplog):
     norms = qadg.group_norms(model)
     for f in qadg.families:  # never below the floor: no layer loses all its heads or channels
         assert int((norms[f.offset:f.offset + f.num_units] != 0).sum()) == min(2, f.num_units)
-    geta_hf.compress_model(model, qadg)
+    geta_hf.compress_model(model, qadg, example_inputs=make(0))
     assert torch.isfinite(model(**make(5)).logits).all()
 
 
@@ -210,7 +210,7 @@ def test_user_hooks_survive_quantization_and_compression():
     pre.remove()  # handles registered before the swap still work
     qadg = build_qadg(model, make(0))
     seen.clear()
-    geta_hf.compress_model(model, qadg)
+    geta_hf.compress_model(model, qadg, example_inputs=make(0))
     seen.clear()
     model(**make(1))
     assert seen == ["PackedQuantLinear"]
@@ -235,7 +235,7 @@ def test_multi_query_attention_heads_prune_exactly():
     qadg.zero_groups(model, [heads[0].offset, heads[0].offset + 2, heads[1].offset + 1])
     with torch.no_grad():
         ref = model(input_ids=ids).logits
-    geta_hf.compress_model(model, qadg)
+    geta_hf.compress_model(model, qadg, example_inputs={"input_ids": ids})
     with torch.no_grad():
         out = model(input_ids=ids).logits
     assert (out - ref).abs().max() <= 1e-5

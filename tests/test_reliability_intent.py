@@ -238,11 +238,11 @@ def test_nan_weight_is_refused_naming_the_layer_and_nothing_changes():
     ref = _fingerprint(model)
     with pytest.raises(ValueError, match=r"layer 'bert.encoder.layer.1.output.dense' holds NaN or "
                                          r"Inf in 'weight'; nothing was changed"):
-        geta_hf.compress_model(model, qadg)
+        geta_hf.compress_model(model, qadg, example_inputs=make(0))
     _assert_restored(model, ref)
     with torch.no_grad():  # fixed: the retry compresses
         w[0, 0] = 0.0
-    geta_hf.compress_model(model, qadg)
+    geta_hf.compress_model(model, qadg, example_inputs=make(0))
     assert getattr(model, ARCH_ATTR)["compressed"]
 
 
@@ -259,13 +259,13 @@ def test_failed_verification_restores_the_trained_model():
     registry._SHAPE_ATTRS["size"] = tuple(n for n in names if n != "split_size")  # we miss
     try:
         with pytest.raises(CompressionError, match="left as it was before compress_model"):
-            geta_hf.compress_model(model, qadg)
+            geta_hf.compress_model(model, qadg, example_inputs=make(0))
     finally:
         registry._SHAPE_ATTRS["size"] = names
     _assert_restored(model, ref)
     with torch.no_grad():
         assert torch.equal(model(**inputs).logits, out)
-    geta_hf.compress_model(model, qadg)  # the retry works: no "already compressed"
+    geta_hf.compress_model(model, qadg, example_inputs=make(0))  # the retry works: no "already compressed"
     with torch.no_grad():
         assert (model(**inputs).logits - out).abs().max() < 1e-3
 
@@ -288,11 +288,11 @@ def test_interrupt_while_packing_restores_the_model(monkeypatch, fail_at):
 
     monkeypatch.setattr(subnet, "pack_layer", flaky)
     with pytest.raises(KeyboardInterrupt):
-        geta_hf.compress_model(model, qadg)
+        geta_hf.compress_model(model, qadg, example_inputs=make(0))
     _assert_restored(model, ref)
     assert model.training and all(isinstance(m, QuantLinear) for _, m in quant_layers(model))
     monkeypatch.setattr(subnet, "pack_layer", real)
-    geta_hf.compress_model(model, qadg)
+    geta_hf.compress_model(model, qadg, example_inputs=make(0))
     assert model.training and not quant_layers(model)
 
 

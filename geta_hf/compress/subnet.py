@@ -126,9 +126,10 @@ def compress_model(model: nn.Module, qadg: QADG, *, pack: bool = True,
     layers become :class:`PackedQuantLinear` with integer codes when ``pack`` is True. The
     per-layer architecture is recorded in ``model.geta_arch``.
 
-    With ``verify`` (default) the model is run on ``example_inputs`` (default: the batch the QADG
-    was built from) before and after, and :class:`CompressionError` is raised if any output moves
-    by more than ``atol`` times ``max(1, max |output|)``. Input (activation) quantizers are switched off for this comparison:
+    With ``verify`` (default) and ``example_inputs`` (keyword inputs, e.g. the batch the QADG was
+    built from) the model is run on them before and after, and :class:`CompressionError` is
+    raised if any output moves by more than ``atol`` times ``max(1, max |output|)``; without
+    ``example_inputs`` only the structure is checked (a warning says so). Input (activation) quantizers are switched off for this comparison:
     the matmuls sum fewer terms after compression, and an activation that sits exactly on a
     rounding boundary may round to the neighbouring level, which is not a compression error.
 
@@ -146,7 +147,10 @@ def compress_model(model: nn.Module, qadg: QADG, *, pack: bool = True,
         raise ValueError(f"compress_model: the QADG does not belong to this model (no parameter "
                          f"{missing[0]!r}); build it with geta_hf.build_qadg(model, inputs)")
     _check_finite(model)
-    inputs = example_inputs if example_inputs is not None else qadg.example_inputs
+    inputs = example_inputs
+    if verify and inputs is None:
+        logger.warning("compress_model: no example_inputs, so the compressed model's outputs are "
+                       "not checked against the original's; pass example_inputs=<a batch>")
     was_training = model.training
     journal = Journal()
     try:

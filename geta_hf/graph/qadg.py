@@ -42,13 +42,15 @@ class QADG:
     """Quantization-aware dependency graph: the prunable families of a model and their units.
 
     Built by :func:`build_qadg`. Global unit ids run over the prunable families in order
-    (``family.offset .. family.offset + family.num_units - 1``).
+    (``family.offset .. family.offset + family.num_units - 1``). It holds structure only, no
+    data: the batch the graph was captured with is not kept (give it to
+    :func:`geta_hf.compress_model` as ``example_inputs`` to verify the compression).
     """
 
     def __init__(self, families: Sequence[Family], unprunable: Sequence[Tuple[str, str]],
                  model_name: str, unknown_ops: Sequence[Tuple[str, str]], *,
-                 known_params: Sequence[str] = (), timings: Optional[Dict[str, float]] = None,
-                 example_inputs: Optional[Dict[str, torch.Tensor]] = None) -> None:
+                 known_params: Sequence[str] = (), timings: Optional[Dict[str, float]] = None
+                 ) -> None:
         self._families = list(families)
         #: (description, reason) of index spaces that were considered and rejected
         self.unprunable = list(unprunable)
@@ -58,9 +60,13 @@ class QADG:
         self.known_params: List[str] = list(known_params)
         #: seconds spent capturing the graph and analysing it
         self.timings: Dict[str, float] = dict(timings or {})
-        #: the batch the graph was captured with (verifies compression when none is given)
-        self.example_inputs = example_inputs
         self._reindex()
+
+    @property
+    def example_inputs(self):
+        """Removed: a QADG keeps no data batch (it verified ``compress_model`` by default)."""
+        raise AttributeError("QADG.example_inputs was removed: a QADG keeps no data; pass the "
+                             "batch to compress_model(model, qadg, example_inputs=...)")
 
     # ------------------------------------------------------------------ structure
     def _reindex(self) -> None:
@@ -296,7 +302,7 @@ def build_qadg(model: nn.Module, example_inputs, cfg=None, *, min_units: Optiona
     order = {name: i for i, (name, _) in enumerate(model.named_parameters())}
     families, rejected = find_families(prop, order, min_units)
     qadg = QADG(families, rejected, type(model).__name__, prop.unknown,
-                known_params=list(order), example_inputs=dict(example_inputs),
+                known_params=list(order),
                 timings={"capture_s": t1 - t0, "analysis_s": time.perf_counter() - t1})
     if cfg is not None and cfg.unprunable_modules:
         qadg.mark_unprunable(list(cfg.unprunable_modules))

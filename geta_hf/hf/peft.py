@@ -197,8 +197,7 @@ def adapter_members(qadg: QADG, model: nn.Module) -> QADG:
                 added.append(consumers[-1].param)
         families.append(dataclasses.replace(f, members=members, consumers=consumers))
     return QADG(families, qadg.unprunable, qadg.model_name, qadg.unknown_ops,
-                known_params=list(qadg.known_params) + added, timings=qadg.timings,
-                example_inputs=qadg.example_inputs)
+                known_params=list(qadg.known_params) + added, timings=qadg.timings)
 
 
 def merged_base_model(model: nn.Module) -> nn.Module:
