@@ -104,7 +104,7 @@ def _check_names(model: nn.Module, qcfg: GETAQuantizationConfig) -> None:
             if spec[k] > dense:
                 raise CheckpointError(f"{where}.{k}: got {spec[k]}, more than the {dense} of the "
                                       "dense model (pruning only removes units)")
-    for mname, attrs in qcfg.architecture["module_attrs"].items():
+    for mname, attrs in qcfg.compressed_arch.module_attrs.items():
         where = f"quantization_config.architecture.module_attrs[{mname!r}]"
         mod = mods.get(mname)
         if mod is None:
@@ -123,7 +123,7 @@ def expected_tensors(model: nn.Module, qcfg: GETAQuantizationConfig
     """The tensors a checkpoint of ``model`` (dense skeleton) under ``qcfg`` must hold, the
     names that may be absent (tied copies, keys the model never saves), and the dense tensors
     that are kept (not under a quantized layer)."""
-    layers, shapes = qcfg.layers, qcfg.architecture["param_shapes"]
+    layers, shapes = qcfg.layers, qcfg.compressed_arch.param_shapes
     replaced = tuple(n + "." for n in layers)
     dense = {n: t for n, t in model.state_dict().items() if not n.startswith(replaced)}
     want: Dict[str, _Want] = {}
@@ -170,7 +170,7 @@ def _disagreement(name: str, layers: Mapping[str, Any]) -> Optional[str]:
 def _check_param_shapes(model, qcfg, want, dense, optional) -> None:
     """Every ``param_shapes`` entry names a parameter the config implies, with a shape that fits."""
     layers = qcfg.layers
-    for pname, shape in qcfg.architecture["param_shapes"].items():
+    for pname, shape in qcfg.compressed_arch.param_shapes.items():
         where = f"quantization_config.architecture.param_shapes[{pname!r}]"
         w, old = want.get(pname), dense.get(pname)
         if w is None and pname not in optional:

@@ -105,6 +105,11 @@ class GETAQuantizationConfig(QuantizationConfigMixin):
                 raise CheckpointError(f"quantization_config.architecture.families[{fname!r}]: "
                                       "expected {kind, layer, units, kept: [unit ids < units]}")
 
+    @property
+    def compressed_arch(self) -> CompressedArch:
+        """The validated ``architecture`` as a :class:`geta_hf.surgery.CompressedArch` record."""
+        return CompressedArch.from_dict(self.architecture)
+
     def to_dict(self) -> Dict[str, Any]:
         """JSON-safe dict written to ``config.json`` (deep copies)."""
         return {"quant_method": self.quant_method, "format_version": self.format_version,

@@ -16,8 +16,7 @@ from torch import nn
 
 from ..compress.packed import PackedQuantLinear
 from ..quant.quantizer import GETAQuantizer
-from ..surgery import (ARCH_ATTR, CompressedArch, apply_module_attrs, resize_parameters,
-                       set_submodule)
+from ..surgery import ARCH_ATTR, apply_module_attrs, resize_parameters, set_submodule
 from .quant_config import CheckpointError, GETAQuantizationConfig
 
 __all__ = ["build_compressed_skeleton", "check_loaded_model"]
@@ -36,7 +35,7 @@ def _packed_skeleton(spec: Mapping[str, Any], dtype, device) -> PackedQuantLinea
 def build_compressed_skeleton(model: nn.Module, qcfg: GETAQuantizationConfig) -> nn.Module:
     """Resize and replace ``model``'s modules (usually on the meta device) per ``qcfg``."""
     try:
-        arch = CompressedArch.from_dict(qcfg.architecture)
+        arch = qcfg.compressed_arch
         resize_parameters(model, arch.param_shapes)
     except ValueError as e:
         raise CheckpointError(f"quantization_config.architecture.{e}") from e
@@ -78,7 +77,7 @@ def check_loaded_model(model: nn.Module, qcfg: GETAQuantizationConfig) -> None:
                     raise CheckpointError(f"quantization_config.layers[{name!r}].act.{key} = "
                                           f"{spec['act'][key]!r} but the checkpoint holds {v!r}")
     params = dict(model.named_parameters())
-    for pname, shape in qcfg.architecture.get("param_shapes", {}).items():
+    for pname, shape in qcfg.compressed_arch.param_shapes.items():
         p = params.get(pname)
         if p is not None and list(p.shape) != list(shape):
             raise CheckpointError(f"quantization_config.architecture.param_shapes[{pname!r}] = "
