@@ -70,6 +70,13 @@ class GETACallback(TrainerCallback):
         self.trainer = trainer
         self.last_stage: Optional[str] = None
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        """Start from the stage of the last completed step (of the checkpoint, on resume), so
+        that a resumed run logs the same stage changes as an uninterrupted one."""
+        opt = self.trainer.geta_optimizer
+        self.last_stage = opt.stage if opt is not None and state.global_step > 0 else None
+        return control
+
     def on_step_end(self, args, state, control, **kwargs):
         """Ask for a log line when QASSO's stage changes."""
         opt = self.trainer.geta_optimizer
