@@ -6,6 +6,7 @@ through ``GETATrainer`` (naming the ``--geta_*`` flags). A Trainer checkpoint wi
 state is refused unless the user asks to restart the compression.
 """
 
+import copy
 import dataclasses
 import json
 
@@ -57,7 +58,9 @@ def saved_state():
 
 
 def _copy(sd):
-    return json.loads(json.dumps(sd["qasso"])), {k: v for k, v in sd.items() if k != "qasso"}
+    """A deep copy of QASSO's own state (it holds the saliency tensors of the window) and the
+    rest of the optimizer state."""
+    return copy.deepcopy(sd["qasso"]), {k: v for k, v in sd.items() if k != "qasso"}
 
 
 # ----------------------------------------------------------------------------- QASSO state

@@ -1,5 +1,6 @@
 """GETATrainer / GETATrainingArguments: GETA inside the HF Trainer."""
 
+import contextlib
 import json
 import os
 import subprocess
@@ -67,15 +68,21 @@ def test_full_schedule_constraints_logs_and_compression(tmp_path):
     assert sorted({h["geta/stage"] for h in logs}) == [1.0, 2.0, 3.0]
     assert logs[-1]["geta/group_sparsity"] == pytest.approx(0.5, abs=0.01)
     assert logs[-1]["geta/relative_bops"] < logs[0]["geta/relative_bops"]
-    # the compressed model computes what the trained fake-quant model computes
+    # the compressed model computes what the trained fake-quant model computes: exactly with the
+    # input quantizers off; with them on, a matmul over fewer terms may put an input that sits on
+    # a rounding boundary one code away (float summation order), moving a few logits slightly
     small = trainer.compressed_model()
     inputs = {k: torch.stack([r[k] for r in qa_rows(4, seed=9)]) for k in ("input_ids", "attention_mask")}
     model.eval()
     with torch.no_grad():
         ref = model(**inputs)
         out = small(**inputs)
+        with inputs_unquantized(model), inputs_unquantized(small):
+            ref_f, out_f = model(**inputs), small(**inputs)
     for key in ("start_logits", "end_logits"):
-        assert (ref[key] - out[key]).abs().max().item() <= 1e-4
+        assert (ref_f[key] - out_f[key]).abs().max().item() <= 1e-5
+        diff = (ref[key] - out[key]).abs()
+        assert (diff > 1e-4).float().mean().item() <= 0.05 and diff.max().item() < 0.05
     assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.parameters())
     path = tmp_path / "compressed"
     trainer.save_compressed(str(path))
@@ -83,6 +90,20 @@ def test_full_schedule_constraints_logs_and_compression(tmp_path):
     with torch.no_grad():
         again = back(**inputs)
     assert torch.allclose(again["start_logits"], out["start_logits"], atol=1e-6)
+
+
+@contextlib.contextmanager
+def inputs_unquantized(model):
+    """Switch off every input (activation) quantizer of ``model`` for the block."""
+    quantizers = [m.act_quantizer for m in model.modules()
+                  if getattr(m, "act_quantizer", None) is not None and m.act_quantizer.enabled]
+    for q in quantizers:
+        q.enabled = False
+    try:
+        yield
+    finally:
+        for q in quantizers:
+            q.enabled = True
 
 
 def _final_params(model):
