@@ -141,17 +141,19 @@ class GETAConfig:
             every weight to ``sign(x)|x|^t`` as it drifts (README, "Deliberate differences").
         warmup, projection, joint: stage lengths. A ``float`` in ``[0, 1]`` is a fraction of the
             total optimizer steps, an ``int >= 0`` an absolute number of steps. Cool-down is
-            whatever remains.
+            whatever remains. The defaults (0.3 / 0.2 / 0.1, one pruning period) prune once, at
+            the middle of the run, after the task is learned, and leave 0.4 of the run to
+            recover (method §7.5).
         projection_periods: number of max-bit reduction periods in the projection stage (``>= 1``).
         pruning_periods: number of periods over which the ``K`` units are selected and forgotten
             in the joint stage (``>= 1``).
         importance_weights: weights of the five saliency criteria (§3.3); non-negative, not all 0.
-        importance_source: the ``g`` of the saliency criteria. ``"update"`` (default, the
-            paper's): the displacement of the one optimizer step that starts the period (with
-            Adam a per-element normalised direction, not a gradient). ``"gradient"``: the loss
-            gradient, its per-unit statistics averaged over a window of steps before each
+        importance_source: the ``g`` of the saliency criteria. ``"gradient"`` (default): the
+            loss gradient, its per-unit statistics averaged over a window of steps before each
             pruning period (as long as the period), so that the Taylor terms estimate the loss
-            change of removing a unit (README, "Deliberate differences").
+            change of removing a unit. ``"update"`` (the paper's): the displacement of the one
+            optimizer step that starts the period (with Adam a per-element normalised
+            direction, not a gradient). See method §7.5 and README, "Deliberate differences".
         group_divisible: keep a multiple of this many units per family (hardware-friendly widths).
         include_modules: glob patterns of module names to quantize (``None``: every Linear).
         exclude_modules: glob patterns of module names never quantized.
@@ -190,27 +192,27 @@ class GETAConfig:
     quantizer: str = field(default="linear", metadata={
         "help": "Quantizer kind: 'linear' (default) or 'nonlinear' (the paper's learned "
                 "exponent t).", "choices": QUANTIZER_KINDS})
-    warmup: StageLength = field(default=0.1, metadata={
+    warmup: StageLength = field(default=0.3, metadata={
         "help": "Warm-up length: a fraction of the training steps (<= 1) or a number of steps "
                 "(> 1)."})
     projection: StageLength = field(default=0.2, metadata={
         "help": "Projection-stage length (bit-range projection, upper bound shrinking): "
                 "fraction or steps."})
-    joint: StageLength = field(default=0.4, metadata={
+    joint: StageLength = field(default=0.1, metadata={
         "help": "Joint-stage length (pruning periods with forget rate and quant step): fraction "
                 "or steps. Cool-down (frozen integer bits) takes the rest."})
     projection_periods: int = field(default=5, metadata={
         "help": "Number of max-bit reduction periods in the projection stage."})
-    pruning_periods: int = field(default=5, metadata={
+    pruning_periods: int = field(default=1, metadata={
         "help": "Number of periods over which units are selected and forgotten in the joint "
                 "stage."})
     importance_weights: dict = field(default_factory=_default_importance, metadata={
         "help": "Saliency criteria weights, e.g. 'magnitude=0.5,taylor_first_order=0.5' "
                 f"(names: {', '.join(IMPORTANCE_CRITERIA)}; default 0.2 each)."})
-    importance_source: str = field(default="update", metadata={
-        "help": "The g of the saliency: 'update' (the paper's one-step optimizer displacement) "
-                "or 'gradient' (the loss gradient averaged over a window before each pruning "
-                "period).", "choices": IMPORTANCE_SOURCES})
+    importance_source: str = field(default="gradient", metadata={
+        "help": "The g of the saliency: 'gradient' (default: the loss gradient averaged over a "
+                "window before each pruning period) or 'update' (the paper's one-step optimizer "
+                "displacement).", "choices": IMPORTANCE_SOURCES})
     group_divisible: int = field(default=1, metadata={
         "help": "Keep a multiple of this many units per family (hardware-friendly widths)."})
     include_modules: Optional[Sequence[str]] = field(default=None, metadata={

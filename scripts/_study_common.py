@@ -182,7 +182,10 @@ class Setting:
                   bit_reduction=BIT_REDUCTION, warmup=stages["warmup"],
                   projection=stages["projection"], joint=stages["joint"],
                   projection_periods=stages["projection_periods"],
-                  pruning_periods=stages["pruning_periods"], target_relative_bops=self.bops)
+                  pruning_periods=stages["pruning_periods"], target_relative_bops=self.bops,
+                  # the study's default arm is the paper's saliency (the stored runs measured
+                  # it); ``--variant sal-grad-1p`` is the library's default since #14
+                  importance_source="update")
         for key in ("importance_weights", "importance_source"):
             if key in self.overrides:
                 kw[key] = self.overrides[key]

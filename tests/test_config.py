@@ -122,8 +122,8 @@ def test_training_arguments_are_generated_from_every_config_field(tmp_path):
     assert args.to_geta_config() == GETAConfig()
     parser = tf.HfArgumentParser(GETATrainingArguments)
     (parsed,) = parser.parse_args_into_dataclasses(
-        ["--output_dir", str(tmp_path), "--geta_importance_source", "gradient", "--geta_joint",
+        ["--output_dir", str(tmp_path), "--geta_importance_source", "update", "--geta_joint",
          "30", "--geta_exclude_modules", "qa_outputs", "--geta_activation_bits", "8", "16"])
     cfg = parsed.to_geta_config()
-    assert cfg == GETAConfig(importance_source="gradient", joint=30, exclude_modules=("qa_outputs",),
+    assert cfg == GETAConfig(importance_source="update", joint=30, exclude_modules=("qa_outputs",),
                              activation_bits=(8, 16))

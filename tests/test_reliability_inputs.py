@@ -25,7 +25,7 @@ from tiny_models import build
     (["--geta_weight_bits", "8", "4"], r"--geta_weight_bits .*b_l <= b_u"),
     (["--geta_weight_bits", "4"], r"--geta_weight_bits"),
     (["--geta_activation_bits", "8", "32"], r"--geta_activation_bits"),
-    (["--geta_warmup", "0.6", "--geta_projection", "0.6"], r"stage fractions sum to 1.6; allowed: a sum <= 1"),
+    (["--geta_warmup", "0.6", "--geta_projection", "0.6"], r"stage fractions sum to 1.3; allowed: a sum <= 1"),
     (["--geta_importance_weights", "magnitude=lots"], r"geta_importance_weights: 'lots' is not a number"),
 ], ids=["sparsity", "bits-order", "one-bit-value", "act-bits-32", "stages-overflow", "weights-text"])
 def test_bad_command_line_values_fail_at_parse_time(argv, match):
