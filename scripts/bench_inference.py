@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """CPU inference of a GETA-compressed MiniLM-L6 QA model: integer kernels vs float vs int8 peers.
 
-Side by side in one process (interleaved repetitions, median), 2 threads, batch 8 x 128 and
-1 x 128, random token ids:
+Side by side in one process (each model timed in blocks of repetitions, blocks alternating over
+two passes, median), 2 threads, batch 8 x 128 and 1 x 128, random token ids:
 
 * dense fp32, torch
 * dense int8 dynamic, torch: torchao ``Int8DynamicActivationInt8WeightConfig`` (if torchao imports)
@@ -70,6 +70,25 @@ def torchao_int8(dense):
     model = copy.deepcopy(dense)
     quantize_(model, Int8DynamicActivationInt8WeightConfig())
     return model.eval()
+
+
+def time_blocks(runners: Dict[str, Callable[[dict], object]], batch: dict, reps: int,
+                passes: int = 2) -> Dict[str, float]:
+    """Median seconds per run of each runner on ``batch``. Each runner runs in a block (one
+    warm-up, then ``reps`` timed runs), as a deployed model runs alone; blocks alternate in
+    order over ``passes`` (forward, then backward) so slow drifts of the machine hit every runner
+    alike. Interleaving single runs of different models instead lets the threads one runtime
+    leaves spinning (onnxruntime's pool, torch's OpenMP team) slow the next one down."""
+    times: Dict[str, list] = {k: [] for k in runners}
+    order = list(runners)
+    for p in range(passes):
+        for k in (order if p % 2 == 0 else order[::-1]):
+            runners[k](batch)  # warm-up (builds the integer weight cache, ORT buffers)
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                runners[k](batch)
+                times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def ort_session(path: str, threads: int):
@@ -159,16 +178,7 @@ def _bench(args, dense, geta, kernels, batches, stats, tmp) -> dict:
                 sess, names)
             sizes[label] = os.path.getsize(paths[key])
 
-    times = {b: {k: [] for k in runners} for b in batches}
-    for b, batch in batches.items():
-        for fn in runners.values():
-            fn(batch)  # warm-up (builds the integer weight cache, ORT arenas)
-        for _ in range(args.reps):
-            for k, fn in runners.items():
-                t0 = time.perf_counter()
-                fn(batch)
-                times[b][k].append(time.perf_counter() - t0)
-    med = {b: {k: statistics.median(v) for k, v in t.items()} for b, t in times.items()}
+    med = {b: time_blocks(runners, batch, args.reps) for b, batch in batches.items()}
 
     # agreement: integer path vs float path (torch), onnxruntime vs torch
     batch = batches[args.batches[0]]
