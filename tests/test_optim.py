@@ -873,7 +873,8 @@ def test_gradient_saliency_averages_the_loss_gradient_over_the_window():
                         n, [1] * len(fams), 1, opt.target_units // 3)
     assert opt.active_units == want
     # the paper's one-step displacement chooses differently on the same run
-    cfg_u = GETAConfig(**SHORT, importance_weights={"taylor_first_order": 1.0})
+    cfg_u = GETAConfig(**SHORT, importance_source="update",
+                       importance_weights={"taylor_first_order": 1.0})
     model_u, make_u, qadg_u = _setup("bert", cfg_u)
     opt_u = QASSO(model_u, qadg_u, cfg_u, lr=2e-3, total_steps=40)
     for k in range(17):
