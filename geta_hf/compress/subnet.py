@@ -129,9 +129,10 @@ def compress_model(model: nn.Module, qadg: QADG, *, pack: bool = True,
     With ``verify`` (default) and ``example_inputs`` (keyword inputs, e.g. the batch the QADG was
     built from) the model is run on them before and after, and :class:`CompressionError` is
     raised if any output moves by more than ``atol`` times ``max(1, max |output|)``; without
-    ``example_inputs`` only the structure is checked (a warning says so). Input (activation) quantizers are switched off for this comparison:
-    the matmuls sum fewer terms after compression, and an activation that sits exactly on a
-    rounding boundary may round to the neighbouring level, which is not a compression error.
+    ``example_inputs`` only the structure is checked (a warning says so). Input (activation)
+    quantizers are switched off for this comparison: the matmuls sum fewer terms after
+    compression, and an activation that sits exactly on a rounding boundary may round to the
+    neighbouring level, which is not a compression error.
 
     All or nothing: every parameter and buffer is first checked to be finite (``ValueError``
     naming the layer), and if anything fails afterwards (packing, the verification, an
