@@ -1,6 +1,5 @@
 """GETATrainer / GETATrainingArguments: GETA inside the HF Trainer."""
 
-import contextlib
 import json
 import os
 import subprocess
@@ -12,6 +11,7 @@ import transformers as tf
 
 from geta_hf import GETAConfig, GETATrainer, GETATrainingArguments
 from geta_hf.quant import quant_layers
+from geta_hf.quant.prepare import input_quantizers_disabled
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -77,7 +77,7 @@ def test_full_schedule_constraints_logs_and_compression(tmp_path):
     with torch.no_grad():
         ref = model(**inputs)
         out = small(**inputs)
-        with inputs_unquantized(model), inputs_unquantized(small):
+        with input_quantizers_disabled(model), input_quantizers_disabled(small):
             ref_f, out_f = model(**inputs), small(**inputs)
     for key in ("start_logits", "end_logits"):
         assert (ref_f[key] - out_f[key]).abs().max().item() <= 1e-5
@@ -90,20 +90,6 @@ def test_full_schedule_constraints_logs_and_compression(tmp_path):
     with torch.no_grad():
         again = back(**inputs)
     assert torch.allclose(again["start_logits"], out["start_logits"], atol=1e-6)
-
-
-@contextlib.contextmanager
-def inputs_unquantized(model):
-    """Switch off every input (activation) quantizer of ``model`` for the block."""
-    quantizers = [m.act_quantizer for m in model.modules()
-                  if getattr(m, "act_quantizer", None) is not None and m.act_quantizer.enabled]
-    for q in quantizers:
-        q.enabled = False
-    try:
-        yield
-    finally:
-        for q in quantizers:
-            q.enabled = True
 
 
 def _final_params(model):
