@@ -280,7 +280,8 @@ METHOD_TEXT = """Methods (each gets the same {steps} optimizer steps, batch {bat
 
 - **dense fine-tuning (fp32)**: `transformers.Trainer`, the reference (relative BOPs 1).
 - **GETA joint**: `GETATrainer`, stages warm-up {warmup:.0%} / projection {projection:.0%} /
-  joint {joint:.0%} / cool-down; {pp} projection periods, {prp} pruning periods. Weight bits start
+  joint {joint:.0%} / cool-down; {pp} projection periods, {prp} pruning periods; unit saliency
+  from the one-step update (`importance_source="update"`, the paper's). Weight bits start
   at 16 (at most) and the upper bound falls by {br} per projection period to the target's upper
   bound (`weight_bits=(4, 16), bit_reduction={br}` for the target `w [4,8]`); activation bits use
   the target range as given under the same schedule, so `a [8,16]` ends at 8 bits. The model is
@@ -323,6 +324,32 @@ def method_text(hp: Hyper, calib: int, records: Sequence[Mapping[str, Any]] = ()
         projection=STAGES["projection"], joint=STAGES["joint"], pp=STAGES["projection_periods"],
         prp=STAGES["pruning_periods"], br=BIT_REDUCTION, half=hp.steps // 2,
         rest=hp.steps - hp.steps // 2, calib=calib, kd_w=KD["weight"], kd_t=KD["temperature"])
+
+
+VARIANT_WORDS = {
+    "importance_source": "saliency from", "importance_weights": "saliency weights",
+    "warmup": "warm-up", "projection": "projection", "joint": "joint",
+    "projection_periods": "projection periods", "pruning_periods": "pruning periods",
+    "kd_weight": "KD weight",
+}
+
+
+def variants_text(records: Sequence[Mapping[str, Any]]) -> str:
+    """What each ``[variant X]`` in the table changes (from the stored records), or ""."""
+    seen: Dict[str, Mapping[str, Any]] = {}
+    for r in records:
+        v = r.get("variant") or {}
+        if v.get("name"):
+            seen.setdefault(v["name"], v)
+    if not seen:
+        return ""
+    lines = ["Variants: a row marked `[variant X]` departs from the GETA arms above only in what",
+             "is listed (the sequential arms of that setting take its bits; `sal-grad-1p` is the",
+             "library's default `GETAConfig` since #14, `docs/method.md` §7.5):", ""]
+    for name, v in sorted(seen.items()):
+        parts = [f"{VARIANT_WORDS.get(k, k)} {val}" for k, val in v.items() if k != "name"]
+        lines.append(f"- `{name}`: " + ", ".join(parts))
+    return "\n".join(lines) + "\n"
 
 
 def seeds_note(rows: Sequence[Mapping[str, Any]]) -> str:
@@ -383,7 +410,7 @@ def render_section(store: RunStore, study: str, *, heading: str, metrics: Sequen
                    log_y=log_y)
         lines += [f"Produced by (run time: {run_time_text(records)}, 2-core CPU):", "",
                   commands_text(records), "", method_text(hp, calibration_batches, records),
-                  model_text, "", f"![{ylabel} vs relative BOPs]({os.path.basename(png)})", ""]
+                  variants_text(records), model_text, "", f"![{ylabel} vs relative BOPs]({os.path.basename(png)})", ""]
         bits_png = plot_layer_bits(records, os.path.join(out_dir, f"bits_{study}.png"),
                                    "Learned per-layer weight bits")
         if bits_png:

@@ -161,6 +161,7 @@ def test_study_qa_variant_shares_the_default_runs(tmp_path):
     _check_sequential_used_geta_bits(records)
     page = (tmp_path / "results_qa.md").read_text()
     assert "[variant late]" in page
+    assert "- `late`: warm-up 0.2, projection 0.2, joint 0.2" in page  # what the variant changes
 
 
 def test_study_variant_with_a_distillation_weight_names_its_sequential_run():
