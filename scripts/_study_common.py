@@ -226,27 +226,31 @@ def plan_runs(methods: Sequence[str], geta_settings: Sequence[Setting]) -> List[
     if "geta_kd" in methods:
         runs += [Run("geta_kd", s) for s in geta_settings]
     if "qat" in methods:
-        bits = dict.fromkeys((s.weight_bits, s.act_bits) for s in geta_settings)
-        runs += [Run("qat", Setting(0.0, w, a)) for w, a in bits]
+        keys = dict.fromkeys((s.weight_bits, s.act_bits, _arm_variant("qat", s.variant))
+                             for s in geta_settings)
+        runs += [Run("qat", Setting(0.0, w, a, variant=v)) for w, a, v in keys]
     if "prune" in methods:
-        for s in dict.fromkeys(s.sparsity for s in geta_settings):
-            runs.append(Run("prune", Setting(s)))
+        for s, v in dict.fromkeys((s.sparsity, _arm_variant("prune", s.variant))
+                                  for s in geta_settings):
+            runs.append(Run("prune", Setting(s, variant=v)))
     for method in ("sequential", "sequential_kd"):
         if method in methods:
-            for s, v in dict.fromkeys((s.sparsity, _sequential_variant(method, s.variant))
+            for s, v in dict.fromkeys((s.sparsity, _arm_variant(method, s.variant))
                                       for s in geta_settings):
                 runs.append(Run(method, Setting(s, variant=v),
                                 ptq=tuple(g for g in geta_settings if g.sparsity == s and
-                                          _sequential_variant(method, g.variant) == v)))
+                                          _arm_variant(method, g.variant) == v)))
     return runs
 
 
-def _sequential_variant(method: str, variant: str) -> str:
-    """The variant a sequential run takes from a GETA setting: only the distillation weight
-    changes it (stages do not apply), and only for ``sequential_kd``."""
-    if method == "sequential_kd" and "kd_weight" in VARIANTS.get(variant, {}):
-        return variant
-    return ""
+def _arm_variant(method: str, variant: str) -> str:
+    """The variant a derived arm takes from a GETA setting, "" when the variant does not change
+    it: QAT only and pruning only follow stage and saliency changes (they are GETA's ablations),
+    ``sequential_kd`` only the distillation weight, plain ``sequential`` nothing."""
+    keys = set(VARIANTS.get(variant, {}))
+    changes = {"qat": keys - {"kd_weight"}, "prune": keys - {"kd_weight"},
+               "sequential_kd": keys & {"kd_weight"}}.get(method, set())
+    return variant if changes else ""
 
 
 @dataclass

@@ -171,11 +171,17 @@ def test_study_variant_with_a_distillation_weight_names_its_sequential_run():
     finally:
         sys.path.pop(0)
     settings = [sc.Setting(0.5, (4, 8), bops=0.2, variant="kd0.8")]
-    names = [r.name for r in sc.plan_runs(["dense", "geta", "geta_kd", "sequential",
-                                           "sequential_kd"], settings)]
-    # the weight changes the KD arms only: plain sequential is shared with the default
+    methods = ["dense", "geta", "geta_kd", "qat", "prune", "sequential", "sequential_kd"]
+    names = [r.name for r in sc.plan_runs(methods, settings)]
+    # the weight changes the KD arms only: the other arms are shared with the default
     assert names == ["dense", "geta-s0.5-w4-8-B0.2-vkd0.8", "geta-kd-s0.5-w4-8-B0.2-vkd0.8",
-                     "sequential-s0.5", "sequential-kd-s0.5-vkd0.8"]
+                     "qat-w4-8", "prune-s0.5", "sequential-s0.5", "sequential-kd-s0.5-vkd0.8"]
+    # a stage / saliency variant changes GETA's ablations (QAT only, pruning only) too
+    grad_1p = [sc.Setting(0.5, (4, 8), variant="sal-grad-1p")]
+    names = [r.name for r in sc.plan_runs(methods, grad_1p)]
+    assert names == ["dense", "geta-s0.5-w4-8-vsal-grad-1p", "geta-kd-s0.5-w4-8-vsal-grad-1p",
+                     "qat-w4-8-vsal-grad-1p", "prune-s0.5-vsal-grad-1p", "sequential-s0.5",
+                     "sequential-kd-s0.5"]
     assert settings[0].geta_config().warmup == sc.STAGES["warmup"]
     with __import__("pytest").raises(SystemExit, match="unknown variant"):
         sc.Setting(0.5, variant="nope")
