@@ -107,22 +107,30 @@ def _setting_of(row: Mapping[str, Any]) -> Setting:
                    row.get("variant", ""))
 
 
+def best_sequential(g: Mapping[str, Any], by_key: Mapping[str, Mapping[str, Any]], metric: str,
+                    higher: bool) -> Optional[Mapping[str, Any]]:
+    """The sequential row (with or without KD, either clip) at GETA row ``g``'s sparsity and bit
+    target with the best mean ``metric``; None when there is none."""
+    tag = _setting_of(g).tag
+    seqs = [by_key[k] for k in (f"{pre}-{tag}-{clip}" for pre in ("seq", "seq-kd")
+                                for clip in ("max", "mse")) if k in by_key]
+    sign = 1 if higher else -1
+    return max(seqs, key=lambda r: sign * r["metrics"][metric]["mean"]) if seqs else None
+
+
 def verdict(rows: Sequence[Mapping[str, Any]], metric: str, title: str, higher: bool) -> List[str]:
     """Plain statements, from the numbers, of how each GETA row fares against the sequential
     baseline at the same sparsity and bit target (the better of its two clip variants), and
     the rows on the metric-vs-BOPs Pareto front."""
     lines = []
     by_key = {r["key"]: r for r in rows}
-    sign = 1 if higher else -1
     wins = losses = 0
     dense = by_key.get("dense")
     for g in (r for r in rows if r["method"] in ("geta", "geta_kd")):
         setting = _setting_of(g)
-        seqs = [by_key[f"{pre}-{setting.tag}-{clip}"] for pre in ("seq", "seq-kd")
-                for clip in ("max", "mse") if f"{pre}-{setting.tag}-{clip}" in by_key]
-        if not seqs:
+        best = best_sequential(g, by_key, metric, higher)
+        if best is None:
             continue
-        best = max(seqs, key=lambda r: sign * r["metrics"][metric]["mean"])
         gm, gb = g["metrics"][metric]["mean"], g["relative_bops"]["mean"]
         sm, sb = best["metrics"][metric]["mean"], best["relative_bops"]["mean"]
         won = not _better(sm, gm, higher)  # at least equal
@@ -152,6 +160,50 @@ def verdict(rows: Sequence[Mapping[str, Any]], metric: str, title: str, higher: 
                      f"{title}): " + "; ".join(
                          f"{r['label']} `{r['key']}` ({r['metrics'][metric]['mean']:.2f} at "
                          f"{r['relative_bops']['mean']:.4f}x)" for r in front) + ".")
+    return lines
+
+
+def per_seed(records: Sequence[Mapping[str, Any]], dataset: str, metric: str
+             ) -> Dict[str, Dict[int, float]]:
+    """``{row key: {seed: metric}}`` of one dataset."""
+    out: Dict[str, Dict[int, float]] = {}
+    for rec in records:
+        if rec["dataset"] == dataset:
+            for row in rec["rows"]:
+                out.setdefault(row["key"], {})[rec["seed"]] = float(row["metrics"][metric])
+    return out
+
+
+def seed_tables(records: Sequence[Mapping[str, Any]], dataset: str, rows: Sequence[Mapping[str, Any]],
+                metric: str, title: str, higher: bool) -> List[str]:
+    """Per-seed (paired) comparisons of every GETA row run on more than one seed with its best
+    sequential arm (chosen on the mean, as in the verdict) and dense: the same seed means the
+    same initial head, data order and teacher, so the per-seed differences are the fair ones."""
+    vals = per_seed(records, dataset, metric)
+    by_key = {r["key"]: r for r in rows}
+    lines: List[str] = []
+    for g in (r for r in rows if r["method"] in ("geta", "geta_kd") and len(r["seeds"]) > 1):
+        best = best_sequential(g, by_key, metric, higher)
+        if best is None:
+            continue
+        seeds = sorted(set(vals[g["key"]]) & set(vals[best["key"]]))
+        series = [(g["label"], vals[g["key"]]), (best["label"], vals[best["key"]])]
+        series.append(("GETA - sequential", {s: vals[g["key"]][s] - vals[best["key"]][s]
+                                             for s in seeds}))
+        dense = vals.get("dense", {})
+        if all(s in dense for s in seeds):
+            series += [("dense", dense),
+                       ("GETA - dense", {s: vals[g["key"]][s] - dense[s] for s in seeds})]
+        lines += [f"**{_setting_of(g).bits_label}, sparsity {g['sparsity']:g}** ({title}):", "",
+                  "| | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± std |",
+                  "|---|" + "---:|" * (len(seeds) + 1)]
+        for name, v in series:
+            sign = "+" if name.startswith("GETA -") else ""
+            st = _stat([v[s] for s in seeds])
+            cells = [f"{v[s]:{sign}.2f}" for s in seeds]
+            total = f"{st['mean']:{sign}.2f} ± {st['std']:.2f}"
+            lines.append(f"| {name} | " + " | ".join(cells) + f" | {total} |")
+        lines.append("")
     return lines
 
 
@@ -422,6 +474,10 @@ def render_section(store: RunStore, study: str, *, heading: str, metrics: Sequen
             lines += (verdict(rows, metric, metric_title, higher)
                       or ["- no matched GETA / sequential pair yet"])
             lines.append("")
+            paired = seed_tables(records, dataset, rows, metric, metric_title, higher)
+            if paired:
+                lines += ["**Per seed** (settings run on more than one seed; same seed = same "
+                          "initial head, data order and teacher):", ""] + paired
     with open(os.path.join(out_dir, f"results_{study}.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     return write_index(out_dir)

@@ -165,11 +165,7 @@ def test_study_qa_variant_shares_the_default_runs(tmp_path):
 
 
 def test_study_variant_with_a_distillation_weight_names_its_sequential_run():
-    sys.path.insert(0, os.path.join(ROOT, "scripts"))
-    try:
-        import _study_common as sc
-    finally:
-        sys.path.pop(0)
+    sc = _import_scripts("_study_common")
     settings = [sc.Setting(0.5, (4, 8), bops=0.2, variant="kd0.8")]
     methods = ["dense", "geta", "geta_kd", "qat", "prune", "sequential", "sequential_kd"]
     names = [r.name for r in sc.plan_runs(methods, settings)]
@@ -185,3 +181,41 @@ def test_study_variant_with_a_distillation_weight_names_its_sequential_run():
     assert settings[0].geta_config().warmup == sc.STAGES["warmup"]
     with __import__("pytest").raises(SystemExit, match="unknown variant"):
         sc.Setting(0.5, variant="nope")
+
+
+def _import_scripts(name):
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    try:
+        return __import__(name)
+    finally:
+        sys.path.pop(0)
+
+
+def test_study_report_pairs_seeds_and_names_variants():
+    """The per-seed table compares GETA with its best sequential arm and dense seed by seed
+    (paired differences), and the page says what a variant changes."""
+    report = _import_scripts("_study_report")
+
+    def row(key, method, f1, sparsity=0.5, bits=(4, 8)):
+        return {"key": key, "method": method, "label": key, "sparsity": sparsity,
+                "weight_bits": list(bits) if bits else None, "act_bits": None, "note": "",
+                "bops_target": None, "variant": "late" if method != "dense" else "",
+                "metrics": {"f1": f1}, "relative_bops": 0.25, "relative_params": 0.8,
+                "params": 1e6, "size_bytes": 1e6, "latency_ms": 1.0,
+                "avg_linear_weight_bits": 8.0, "avg_act_bits": 0.0, "removed_units": 0.5}
+
+    f1 = {0: (60.0, 59.0, 58.0, 64.0), 1: (61.0, 57.0, 59.0, 63.0)}  # geta, seq mse, seq max, dense
+    records = [{"dataset": "d", "seed": s, "method": m, "rows": [r],
+                "variant": {"name": "late", "joint": 0.2} if m == "geta_kd" else {}}
+               for s, (g, mse, mx, d) in f1.items()
+               for m, r in (("geta_kd", row("geta-kd-s0.5-w4-8-vlate", "geta_kd", g)),
+                            ("sequential_kd", row("seq-kd-s0.5-w4-8-vlate-mse", "sequential_kd", mse)),
+                            ("sequential_kd", row("seq-kd-s0.5-w4-8-vlate-max", "sequential_kd", mx)),
+                            ("dense", row("dense", "dense", d, 0.0, None)))]
+    rows = report.aggregate(records, ["f1"])["d"]
+    text = "\n".join(report.seed_tables(records, "d", rows, "f1", "F1", True))
+    # best sequential arm on the mean: max clip (58.5) over mse (58.0)
+    assert "| seq-kd-s0.5-w4-8-vlate-max | 58.00 | 59.00 | 58.50 ± 0.71 |" in text
+    assert "| GETA - sequential | +2.00 | +2.00 | +2.00 ± 0.00 |" in text
+    assert "| GETA - dense | -4.00 | -2.00 | -3.00 ± 1.41 |" in text
+    assert report.variants_text(records).endswith("- `late`: joint 0.2\n")
