@@ -267,7 +267,8 @@ def plot(per_dataset: Mapping[str, Sequence[Mapping[str, Any]]], metric: str, yl
 
 
 def plot_layer_bits(records: Sequence[Mapping[str, Any]], path: str, title: str) -> Optional[str]:
-    """Learned weight bits per layer of every GETA-style run (seed 0, or the first seed)."""
+    """Learned weight bits per layer of every GETA-style run (seed 0, or the first seed), as a
+    heat map: one row per run, one column per linear layer, the bit width written in each cell."""
     runs = {}
     for rec in sorted(records, key=lambda r: r["seed"]):
         if rec.get("layer_bits") and rec["method"] in ("geta", "geta_kd", "qat"):
@@ -280,18 +281,23 @@ def plot_layer_bits(records: Sequence[Mapping[str, Any]], path: str, title: str)
     import matplotlib.pyplot as plt
 
     layers = list(next(iter(runs.values()))["layer_bits"])
-    fig, ax = plt.subplots(figsize=(max(6.4, 0.22 * len(layers)), 4.2))
-    width = 0.8 / len(runs)
-    for i, ((dataset, name), rec) in enumerate(runs.items()):
-        bits = [rec["layer_bits"].get(n, {}).get("weight") or 0 for n in layers]
-        ax.bar([j + i * width for j in range(len(layers))], bits, width,
-               label=f"{dataset}: {name} (seed {rec['seed']})")
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(layers))])
+    grid = [[rec["layer_bits"].get(n, {}).get("weight") or 0 for n in layers]
+            for rec in runs.values()]
+    fig, ax = plt.subplots(figsize=(3.5 + 0.26 * len(layers), 1.6 + 0.32 * len(runs)))
+    image = ax.imshow(grid, cmap="viridis", vmin=2, vmax=max(max(r) for r in grid), aspect="auto")
+    for i, row in enumerate(grid):
+        for j, bits in enumerate(row):
+            ax.text(j, i, str(bits), ha="center", va="center", fontsize=6,
+                    color="white" if bits < 6 else "black")
+    ax.set_xticks(range(len(layers)))
     ax.set_xticklabels([n.replace("bert.encoder.layer.", "L").replace("model.layers.", "L")
                         for n in layers], rotation=90, fontsize=6)
-    ax.set_ylabel("learned weight bits")
+    ax.set_yticks(range(len(runs)))
+    ax.set_yticklabels([f"{name} (seed {rec['seed']})" if len({d for d, _ in runs}) == 1
+                        else f"{dataset}: {name} (seed {rec['seed']})"
+                        for (dataset, name), rec in runs.items()], fontsize=7)
+    fig.colorbar(image, ax=ax, label="learned weight bits", fraction=0.02)
     ax.set_title(title)
-    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
