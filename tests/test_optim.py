@@ -470,6 +470,34 @@ def test_load_state_dict_rejects_a_different_run():
         other.load_state_dict({"state": {}, "param_groups": []})
 
 
+def test_no_decay_parameters_take_no_weight_decay():
+    """``no_decay`` parameters (the Trainer's biases and norm weights) form their own group
+    without decay when weight_decay is nonzero; a state saved with other groups is refused by
+    name, and the optimizer is left unchanged."""
+    cfg = GETAConfig(**SHORT)
+    model, make, qadg = _setup("llama", cfg)
+    norm = model.model.norm.weight
+    opt = QASSO(model, qadg, cfg, lr=0.1, variant="adamw", total_steps=40, weight_decay=0.5,
+                no_decay=[norm])
+    assert [(g["name"], g["weight_decay"]) for g in opt.param_groups] == [
+        ("weights", 0.5), ("quant", 0.0), ("weights_no_decay", 0.0)]
+    assert opt.param_groups[2]["params"] == [norm]
+    assert all(p is not norm for p in opt.param_groups[0]["params"])
+    # a zero gradient: AdamW moves a decayed weight by lr * wd * w, the spared norm not at all
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    before = norm.detach().clone()
+    opt.step()
+    assert torch.equal(norm.detach(), before)
+    # weight decay 0: one weights group, as before (old states resume)
+    plain = QASSO(model, qadg, cfg, lr=0.1, total_steps=40, weight_decay=0.0, no_decay=[norm])
+    assert [g["name"] for g in plain.param_groups] == ["weights", "quant"]
+    two_groups = QASSO(model, qadg, cfg, lr=0.1, total_steps=40, weight_decay=0.5).state_dict()
+    with pytest.raises(ValueError, match="weights_no_decay"):
+        opt.load_state_dict(two_groups)
+    assert opt._step == 1 and len(opt.param_groups) == 3
+
+
 # ----------------------------------------------------------------------------- schedule edges
 @pytest.mark.parametrize("stages", [(0, 10, 20), (0, 0, 20), (5, 10, 0), (0, 0, 0), (0, 0, 2),
                                     (0, 30, 0)])

@@ -222,6 +222,22 @@ def test_non_default_optim_is_refused_naming_qasso(tmp_path):
                     train_dataset=qa_rows())
 
 
+def test_weight_decay_spares_biases_and_norms_as_the_trainer_does(tmp_path):
+    model = tiny_bert_qa()
+    trainer = GETATrainer(model=model, args=geta_args(tmp_path, weight_decay=0.01, max_steps=10),
+                          train_dataset=qa_rows(16))
+    trainer.train()
+    groups = {g["name"]: g for g in trainer.geta_optimizer.param_groups}
+    names = {id(p): n for n, p in model.named_parameters()}
+    spared = {names[id(p)] for p in groups["weights_no_decay"]["params"]}
+    decayed = {names[id(p)] for p in groups["weights"]["params"]}
+    expected = set(trainer.get_decay_parameter_names(model))
+    assert groups["weights_no_decay"]["weight_decay"] == 0 and groups["weights"]["weight_decay"] == 0.01
+    assert decayed <= expected and not spared & expected
+    assert "bert.encoder.layer.0.attention.output.LayerNorm.weight" in spared
+    assert "qa_outputs.bias" in spared and "qa_outputs.weight" in decayed
+
+
 def test_tensorboard_event_file_holds_geta_scalars(tmp_path):
     """report_to="tensorboard" works with the README's install; geta/* reach the event file."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

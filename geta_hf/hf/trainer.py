@@ -277,12 +277,16 @@ class GETATrainer(DistillationTrainer):
                                  f"{self._geta_step_offset}: the run has no steps left "
                                  "(raise --max_steps or --num_train_epochs)")
             args = self.args
+            opt_model = self.model if model is None else model
+            # the Trainer's own weight-decay split: biases and norm weights do not decay
+            decayed = set(self.get_decay_parameter_names(opt_model))
             self.optimizer = QASSO(
-                self.model if model is None else model, self.qadg, self._geta_run_config,
+                opt_model, self.qadg, self._geta_run_config,
                 lr=args.learning_rate, variant=getattr(args, "geta_optimizer", "adamw"),
                 total_steps=int(total), weight_decay=args.weight_decay,
                 betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
-                bops_estimator=self._bops)
+                bops_estimator=self._bops,
+                no_decay=[p for n, p in opt_model.named_parameters() if n not in decayed])
         return self.optimizer
 
     @property

@@ -56,7 +56,7 @@ Example::
 from __future__ import annotations
 
 import logging
-from typing import List, Optional, Sequence
+from typing import Iterable, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -70,8 +70,8 @@ from .pruning import PruningController
 from .schedule import StagePlan
 from .setup import (VARIANTS, check_args, check_budget, check_quantizers, dense_optimizer,
                     grads_finite)
-from .state import (STATE_FORMAT, StateMismatchError, check_progress, check_same_run,
-                    check_state, search_space)
+from .state import (STATE_FORMAT, StateMismatchError, check_param_groups, check_progress,
+                    check_same_run, check_state, search_space)
 
 __all__ = ["QASSO", "VARIANTS", "StateMismatchError"]
 
@@ -97,6 +97,10 @@ class QASSO(torch.optim.Optimizer):
             default ``cfg.quant_lr``.
         weight_decay: of the weights group (default 0.01 for ``adamw``, else 0). Quantizer scalars
             never decay.
+        no_decay: trainable parameters that take no weight decay (``transformers.Trainer``
+            spares biases and norm weights; :class:`geta_hf.GETATrainer` passes the same ones).
+            With a nonzero ``weight_decay`` they form a third group ``"weights_no_decay"``
+            (same learning rate as ``"weights"``, last in ``param_groups``).
         betas, eps: Adam/AdamW moments; momentum, dampening, nesterov: SGD.
         bops_estimator: a :class:`geta_hf.compress.BopsEstimator` of this model, needed when
             ``cfg.target_relative_bops`` is set (the bits then meet that BOPs budget when they
@@ -120,7 +124,8 @@ class QASSO(torch.optim.Optimizer):
                  quant_lr: Optional[float] = None, weight_decay: Optional[float] = None,
                  betas: Sequence[float] = (0.9, 0.999), eps: float = 1e-8, momentum: float = 0.0,
                  dampening: float = 0.0, nesterov: bool = False,
-                 skip_nonfinite: bool = True, bops_estimator=None) -> None:
+                 skip_nonfinite: bool = True, bops_estimator=None,
+                 no_decay: Iterable[torch.Tensor] = ()) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"QASSO: model must be a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(qadg, QADG):
@@ -148,7 +153,7 @@ class QASSO(torch.optim.Optimizer):
         weights = [p for p in named.values() if p.requires_grad and id(p) not in quant_ids]
         quant = [p for p in self._quant.params if p.requires_grad]
         inner = dense_optimizer(variant, weights, quant, lr, quant_lr, weight_decay, betas, eps,
-                                momentum, dampening, nesterov)
+                                momentum, dampening, nesterov, no_decay={id(p) for p in no_decay})
         self._ready = False
         # add_param_group re-uses the dicts, so self.param_groups[i] IS inner.param_groups[i]:
         # LR schedulers acting on this optimizer drive the dense step directly.
@@ -412,6 +417,7 @@ class QASSO(torch.optim.Optimizer):
         check_progress(s, plan.num_groups, len(self._quant), plan.pruning_periods)
         self._units.check_saliency_state(s.get("saliency"))
         inner_sd = {k: v for k, v in state_dict.items() if k != "qasso"}
+        check_param_groups(inner_sd.get("param_groups", []), self._inner.state_dict()["param_groups"])
         self._inner.load_state_dict(inner_sd)
         self.param_groups = self._inner.param_groups
         self.state = self._inner.state

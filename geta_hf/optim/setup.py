@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import math
 from numbers import Real
-from typing import List, Sequence, Tuple
+from typing import AbstractSet, List, Sequence, Tuple
 
 import torch
 
@@ -59,15 +59,24 @@ def check_args(cfg: GETAConfig, variant: str, lr, total_steps, quant_lr, weight_
 
 def dense_optimizer(variant: str, weights: List[torch.Tensor], quant: List[torch.Tensor],
                     lr: float, quant_lr: float, weight_decay: float, betas: Sequence[float],
-                    eps: float, momentum: float, dampening: float, nesterov: bool
-                    ) -> torch.optim.Optimizer:
-    """torch's optimizer for ``variant`` on the groups ``"weights"`` and ``"quant"`` (the
-    quantizer scalars: ``quant_lr``, no weight decay; left out when empty)."""
+                    eps: float, momentum: float, dampening: float, nesterov: bool,
+                    no_decay: AbstractSet[int] = frozenset()) -> torch.optim.Optimizer:
+    """torch's optimizer for ``variant`` on the groups ``"weights"``, ``"quant"`` (the
+    quantizer scalars: ``quant_lr``, no weight decay; left out when empty) and, when
+    ``weight_decay`` is nonzero, ``"weights_no_decay"``: the weights whose ``id`` is in
+    ``no_decay`` (left out when none is)."""
     if not weights:
         raise ValueError("QASSO: the model has no trainable parameter besides quantizer scalars")
-    groups = [{"params": weights, "lr": lr, "weight_decay": weight_decay, "name": "weights"}]
+    spared = [p for p in weights if id(p) in no_decay] if weight_decay else []
+    decayed = [p for p in weights if id(p) not in no_decay] if spared else weights
+    if not decayed:  # nothing decays: one group without decay
+        decayed, spared, weight_decay = spared, [], 0.0
+    groups = [{"params": decayed, "lr": lr, "weight_decay": weight_decay, "name": "weights"}]
     if quant:
         groups.append({"params": quant, "lr": quant_lr, "weight_decay": 0.0, "name": "quant"})
+    if spared:
+        groups.append({"params": spared, "lr": lr, "weight_decay": 0.0,
+                       "name": "weights_no_decay"})
     if variant == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, foreach=True)
     if variant == "adam":

@@ -139,6 +139,22 @@ def check_same_run(s: Mapping[str, Any], variant: str, plan, num_quantizers: Seq
                              "GETAConfig, variant and total_steps")
 
 
+def check_param_groups(saved: Sequence[Mapping[str, Any]], mine: Sequence[Mapping[str, Any]]
+                       ) -> None:
+    """The saved dense optimizer's parameter groups must be this one's (by name and size);
+    ``ValueError`` naming both otherwise."""
+    def shape(groups):
+        return [(g.get("name"), len(g.get("params", ()))) for g in groups]
+
+    if shape(saved) != shape(mine):
+        raise ValueError(
+            f"QASSO.load_state_dict: the saved parameter groups (name, size) are {shape(saved)} "
+            f"but this optimizer has {shape(mine)}; a nonzero weight_decay adds the group "
+            "'weights_no_decay' for the no_decay parameters (earlier geta-hf versions kept "
+            "them in 'weights'), so resume with the weight decay and no_decay parameters the "
+            "state was saved with")
+
+
 def _int(v: Any) -> bool:
     return isinstance(v, Integral) and not isinstance(v, bool)
 
