@@ -174,6 +174,23 @@ def test_qadg_of_another_model_is_refused():
         geta_hf.compress_model(model, qadg)
 
 
+def test_uncalibrated_input_quantizers_are_refused_before_compression(tmp_path):
+    """Compressing with input quantizers never calibrated used to save a checkpoint that
+    from_pretrained refused; now compress_model names the layer and changes nothing."""
+    model, make = build("bert")
+    cfg = GETAConfig(weight_bits=(4, 8), activation_bits=(8, 16))
+    prepare_model(model, cfg)  # no calibration batches
+    qadg = build_qadg(model, make(0), cfg)
+    before = {n: p.detach().clone() for n, p in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"never calibrated \(first: 'bert\.encoder"):
+        geta_hf.compress_model(model, qadg)
+    assert all(torch.equal(before[n], p) for n, p in model.state_dict().items())
+    geta_hf.calibrate_activations(model, [make(1)], cfg)
+    geta_hf.compress_model(model, qadg, example_inputs=make(0))
+    geta_hf.save_compressed(model, str(tmp_path))
+    type(model).from_pretrained(str(tmp_path))  # loads (it used to raise CheckpointError)
+
+
 def test_unit_ids_out_of_range():
     model, make = build("bert")
     qadg = build_qadg(model, make(0))

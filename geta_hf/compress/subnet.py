@@ -48,6 +48,19 @@ def _check_finite(model: nn.Module) -> None:
                              "quantizer scalars)")
 
 
+def _check_calibrated(model: nn.Module) -> None:
+    """Refuse input quantizers that were never calibrated: they compute nothing (the identity),
+    and a packed layer carrying one would save a checkpoint that cannot be loaded."""
+    bad = [n for n, m in model.named_modules() if isinstance(m, QuantLayerMixin)
+           and m.act_quantizer is not None and not m.act_quantizer.calibrated]
+    if bad:
+        raise ValueError(f"compress_model: the input quantizers of {len(bad)} layer(s) were never "
+                         f"calibrated (first: {bad[0]!r}); nothing was changed. Calibrate them "
+                         "with geta_hf.calibrate_activations(model, batches, cfg), or prepare the "
+                         "model with GETAConfig(activation_bits=None) for weight-only "
+                         "quantization")
+
+
 def _kept_units(f: Family, norms: torch.Tensor) -> torch.Tensor:
     keep = torch.nonzero(norms != 0).reshape(-1)
     floor = max(1, f.min_units)
@@ -134,8 +147,8 @@ def compress_model(model: nn.Module, qadg: QADG, *, pack: bool = True,
     compression, and an activation that sits exactly on a rounding boundary may round to the
     neighbouring level, which is not a compression error.
 
-    All or nothing: every parameter and buffer is first checked to be finite (``ValueError``
-    naming the layer), and if anything fails afterwards (packing, the verification, an
+    All or nothing: every parameter and buffer is first checked to be finite, and (when packing)
+    every input quantizer to be calibrated (``ValueError`` naming the layer), and if anything fails afterwards (packing, the verification, an
     interrupt) every change is undone before the error propagates: the model holds its original
     modules, parameters (the same tensors, untouched) and attributes, is not marked compressed,
     and ``compress_model`` can be called again once the cause is fixed.
@@ -148,6 +161,8 @@ def compress_model(model: nn.Module, qadg: QADG, *, pack: bool = True,
         raise ValueError(f"compress_model: the QADG does not belong to this model (no parameter "
                          f"{missing[0]!r}); build it with geta_hf.build_qadg(model, inputs)")
     _check_finite(model)
+    if pack:
+        _check_calibrated(model)
     inputs = example_inputs
     if verify and inputs is None:
         logger.warning("compress_model: no example_inputs, so the compressed model's outputs are "
