@@ -147,6 +147,8 @@ def test_low_precision_inputs_take_the_integer_path(int_calls):
     for a, b in zip(got, ref):
         assert a.dtype == torch.float16
         assert (a.float() - b).abs().max().item() <= 2e-2 * b.abs().max().item()
+    # the public dequantized weight follows the cast too
+    assert {m.dequantized_weight().dtype for m in packed_layers(model)} == {torch.float16}
 
 
 # ---------------------------------------------------------------------------- path selection

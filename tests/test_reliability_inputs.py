@@ -191,6 +191,24 @@ def test_uncalibrated_input_quantizers_are_refused_before_compression(tmp_path):
     type(model).from_pretrained(str(tmp_path))  # loads (it used to raise CheckpointError)
 
 
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True])
+def test_bad_counts_and_tolerances_are_named(bad):
+    """Values that used to be clamped or ignored (min_units=0 became 1, max_batches=0 the
+    default, atol=nan made every output comparison pass) are refused by name."""
+    model, make = build("bert")
+    cfg = GETAConfig(weight_bits=(4, 8), activation_bits=(8, 16))
+    with pytest.raises(ValueError, match="min_units="):
+        build_qadg(model, make(0), min_units=bad)
+    prepare_model(model, cfg)
+    with pytest.raises(ValueError, match="max_batches="):
+        geta_hf.calibrate_activations(model, [make(1)], cfg, max_batches=bad)
+    geta_hf.calibrate_activations(model, [make(1)], cfg)
+    qadg = build_qadg(model, make(0), cfg)
+    for atol in (float("nan"), -1e-4, float("inf")):
+        with pytest.raises(ValueError, match="atol="):
+            geta_hf.compress_model(model, qadg, example_inputs=make(0), atol=atol)
+
+
 def test_unit_ids_out_of_range():
     model, make = build("bert")
     qadg = build_qadg(model, make(0))

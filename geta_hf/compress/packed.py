@@ -74,12 +74,17 @@ class PackedQuantLinear(PackedLayer, nn.Linear):
         self.nonlinear = bool(nonlinear)
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
         self.act_quantizer = act_quantizer
-        self.compute_dtype = dtype
         #: use the integer GEMM in inference where the codes allow it (a plain flag, not saved)
         self.integer_kernels = True
         self._cache: Optional[torch.Tensor] = None
         self._cache_key: Optional[tuple] = None
         self._int_cache: Optional[tuple] = None  # (key, (int8 codes, d_x d_W) or None)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The layer's float dtype (of the ``weight`` placeholder: it follows ``.half()``,
+        ``.to(torch.bfloat16)``, ...)."""
+        return self.weight.dtype
 
     # ------------------------------------------------------------------ weights
     def codes(self) -> torch.Tensor:

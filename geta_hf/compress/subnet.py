@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import math
 from collections import defaultdict
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
@@ -155,6 +156,8 @@ def compress_model(model: nn.Module, qadg: QADG, *, pack: bool = True,
     """
     if CompressedArch.of(model) is not None:
         raise ValueError("compress_model: this model is already compressed")
+    if isinstance(atol, bool) or not isinstance(atol, (int, float)) or not 0 <= atol < math.inf:
+        raise ValueError(f"compress_model: atol={atol!r} is invalid; allowed: a finite number >= 0")
     params = dict(model.named_parameters())
     missing = [p for f in qadg.families for p in f.params if p not in params]
     if missing:

@@ -295,6 +295,9 @@ def build_qadg(model: nn.Module, example_inputs, cfg=None, *, min_units: Optiona
     """
     if min_units is None:
         min_units = cfg.min_units_per_family if cfg is not None else 1
+    elif isinstance(min_units, bool) or not isinstance(min_units, int) or min_units < 1:
+        raise ValueError(f"build_qadg: min_units={min_units!r} is invalid; allowed: an integer "
+                         ">= 1 (every family keeps at least one unit), or None for the config's")
     t0 = time.perf_counter()
     cap = capture_graph(model, example_inputs)
     t1 = time.perf_counter()

@@ -236,6 +236,10 @@ def calibrate_activations(model: nn.Module, batches: Iterable, cfg: GETAConfig,
     if not layers:
         raise ValueError("calibrate_activations: the model has no input quantizers; call "
                          "prepare_model with GETAConfig.activation_bits set first")
+    if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int)
+                                    or max_batches < 1):
+        raise ValueError(f"calibrate_activations: max_batches={max_batches!r} is invalid; "
+                         "allowed: an integer >= 1, or None for GETAConfig.act_calibration_batches")
     limit = max_batches or cfg.act_calibration_batches
     stats: dict[str, torch.Tensor] = {}
     batch_stats: dict[str, torch.Tensor] = {}
