@@ -1,6 +1,7 @@
 """Subnet construction (physical removal + packing) and compression metrics."""
 
 import copy
+import json
 import math
 
 import pytest
@@ -301,3 +302,14 @@ def test_report_writes_markdown_and_plots(tmp_path):
     text = (tmp_path / "report.md").read_text()
     assert "| BOPs |" in text and "| f1 | 80.5 |" in text and "kv_groups" in text
     assert (tmp_path / "bits_per_layer.png").read_bytes()[:4] == b"\x89PNG"
+    # numpy / torch scalars are numbers; a value JSON cannot hold fails before anything is
+    # written, so the earlier report stays whole (no truncated report.json, no stray files)
+    import numpy as np
+
+    geta_hf.report(model, make(0), str(tmp_path), eval_results={"f1": np.float32(81.0)})
+    assert json.loads((tmp_path / "report.json").read_text())["eval"] == {"f1": 81.0}
+    names = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(ValueError, match=r"eval_results\['f1'\]"):
+        geta_hf.report(model, make(0), str(tmp_path), eval_results={"f1": "high"})
+    assert json.loads((tmp_path / "report.json").read_text())["eval"] == {"f1": 81.0}
+    assert sorted(p.name for p in tmp_path.iterdir()) == names

@@ -154,3 +154,16 @@ def test_large_models_write_their_weights_beside_the_file(tmp_path, monkeypatch)
     assert sorted(os.listdir(tmp_path)) == ["m.onnx", "m.onnx.data", "taken.onnx.data"]
     for a, b in zip(run(session(tmp_path / "m.onnx"), make(2)), outputs(model, make(2))):
         assert (a - b).abs().max().item() <= 1e-3 * b.abs().max().item()
+    # the weights file moves in first and the graph last: when the graph cannot be moved, the
+    # weights file is taken back, so no graph ever points at a missing or stale weights file
+    real_replace = os.replace
+
+    def fail_on_graph(src, dst):
+        if str(dst).endswith("g.onnx"):
+            raise OSError("disk full")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", fail_on_graph)
+    with pytest.raises(OSError, match="disk full"):
+        export_onnx(model, tmp_path / "g.onnx", make(1))
+    assert sorted(os.listdir(tmp_path)) == ["m.onnx", "m.onnx.data", "taken.onnx.data"]

@@ -214,6 +214,23 @@ def _finish(program) -> None:
 
 
 @torch.no_grad()
+def _move_in(tmp: str, folder: str, graph: str) -> None:
+    """Move the exported files from ``tmp`` into ``folder``: the weights file (if any, which
+    did not exist before) first, the graph last, so ``folder`` never holds a graph whose
+    weights file is missing; if the graph cannot be moved, the moved weights file is removed."""
+    sides = [n for n in sorted(os.listdir(tmp)) if n != graph]
+    moved = []
+    try:
+        for name in sides:
+            os.replace(os.path.join(tmp, name), os.path.join(folder, name))
+            moved.append(os.path.join(folder, name))
+        os.replace(os.path.join(tmp, graph), os.path.join(folder, graph))
+    except BaseException:
+        for p in moved:
+            os.unlink(p)
+        raise
+
+
 def export_onnx(model: nn.Module, path: str | os.PathLike,
                 example_inputs: Mapping[str, Any]) -> Dict[str, str]:
     """Write ``model`` (compressed by :func:`geta_hf.compress_model`) to the ONNX file ``path``.
@@ -263,8 +280,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike,
                     output_names=out_names, opset_version=_OPSET)
             _finish(program)
             program.save(tmp_file, external_data=external)
-            for name in sorted(os.listdir(tmp)):  # the file, and its weights file if external
-                os.replace(os.path.join(tmp, name), os.path.join(folder, name))
+            _move_in(tmp, folder, os.path.basename(path))
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return plan

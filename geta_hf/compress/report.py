@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from typing import Any, Dict, Mapping, Optional
 
 from torch import nn
@@ -85,18 +86,22 @@ def _plots(stats: Mapping[str, Any], arch: Optional[CompressedArch], out_dir: st
 def report(model: nn.Module, example_inputs: Mapping[str, Any], out_dir: str, *,
            reference: Optional[nn.Module] = None, title: Optional[str] = None,
            eval_results: Optional[Mapping[str, float]] = None) -> Dict[str, Any]:
-    """Write ``report.md``, ``report.json`` and PNG plots (bits per layer; units kept per layer).
+    """Write ``report.md``, ``report.json`` and PNG plots (bits per layer; units kept per layer)
+    into ``out_dir``, replacing a report written there before (each file is replaced whole,
+    never left truncated). ``eval_results`` values must be numbers (``ValueError`` naming the
+    key, before anything is written).
 
     Returns ``{"stats": ..., "files": {name: path}, "markdown": str}``.
     """
+    evals = {k: _number(k, v) for k, v in (eval_results or {}).items()}  # before any write
     os.makedirs(out_dir, exist_ok=True)
     stats = model_stats(model, example_inputs, reference=reference)
     arch = CompressedArch.of(model)
     files = _plots(stats, arch, out_dir)
     md = [f"# {title or 'GETA compression report'}", "", format_stats_table(stats), ""]
-    if eval_results:
+    if evals:
         md += ["| evaluation | value |", "|---|---:|"]
-        md += [f"| {k} | {v:.4g} |" for k, v in eval_results.items()] + [""]
+        md += [f"| {k} | {v:.4g} |" for k, v in evals.items()] + [""]
     fams = arch.families if arch is not None else {}
     if fams:
         md += ["## Units kept per layer", "", "| family | kind | kept | of |", "|---|---|---:|---:|"]
@@ -109,10 +114,32 @@ def report(model: nn.Module, example_inputs: Mapping[str, Any], out_dir: str, *,
     for key, path in files.items():
         md += ["", f"![{key}]({os.path.basename(path)})"]
     text = "\n".join(md) + "\n"
-    files["markdown"] = os.path.join(out_dir, "report.md")
-    with open(files["markdown"], "w") as f:
-        f.write(text)
-    files["json"] = os.path.join(out_dir, "report.json")
-    with open(files["json"], "w") as f:
-        json.dump({"stats": stats, "eval": dict(eval_results or {})}, f, indent=1)
+    blob = json.dumps({"stats": stats, "eval": evals}, indent=1)
+    files["markdown"] = _write_atomic(os.path.join(out_dir, "report.md"), text)
+    files["json"] = _write_atomic(os.path.join(out_dir, "report.json"), blob)
     return {"stats": stats, "files": files, "markdown": text}
+
+
+def _number(key: str, value: Any) -> float:
+    """An evaluation value as a JSON number (numpy and 0-dim torch scalars included)."""
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"report: eval_results[{key!r}]={value!r} is not a number") from None
+    return out
+
+
+def _write_atomic(path: str, text: str) -> str:
+    """Write ``text`` to ``path`` through a temporary file beside it: ``path`` is either its old
+    content or the new one, never a truncated file."""
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", dir=os.path.dirname(path))
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would make the report private
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
