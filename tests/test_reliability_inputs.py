@@ -209,6 +209,13 @@ def test_bad_counts_and_tolerances_are_named(bad):
             geta_hf.compress_model(model, qadg, example_inputs=make(0), atol=atol)
 
 
+def test_calibration_data_without_input_quantization_is_refused():
+    model, make = build("bert")
+    with pytest.raises(ValueError, match="calibration_data was given but GETAConfig.activation_bits"):
+        prepare_model(model, GETAConfig(weight_bits=(4, 8)), [make(1)])
+    assert not geta_hf.quant.quant_layers(model)  # nothing was changed
+
+
 def test_unit_ids_out_of_range():
     model, make = build("bert")
     qadg = build_qadg(model, make(0))

@@ -104,6 +104,7 @@ def prepare_model(model: nn.Module, cfg: GETAConfig,
     With ``cfg.activation_bits`` set, each layer also gets an input quantizer. Its range comes from
     data: pass ``calibration_data`` (an iterable of model-input dicts or tensors) here, or call
     :func:`calibrate_activations` later; until then the input quantizers pass values through.
+    ``calibration_data`` without ``cfg.activation_bits`` is a ``ValueError`` (nothing to calibrate).
 
     Idempotent: preparing an already prepared model with the same quantization settings is a
     no-op; different settings raise ``ValueError``. The model keeps its class (an HF
@@ -113,6 +114,10 @@ def prepare_model(model: nn.Module, cfg: GETAConfig,
         raise TypeError(f"prepare_model: cfg must be a GETAConfig, got {type(cfg).__name__}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"prepare_model: model must be a torch.nn.Module, got {type(model).__name__}")
+    if calibration_data is not None and not cfg.quantize_activations:
+        raise ValueError("prepare_model: calibration_data was given but GETAConfig.activation_bits "
+                         "is None (weight-only quantization has no input ranges to calibrate); "
+                         "drop calibration_data or set activation_bits")
     spec = _quant_spec(cfg)
     existing = getattr(model, QUANT_SPEC_ATTR, None)
     if existing is not None:
@@ -120,7 +125,7 @@ def prepare_model(model: nn.Module, cfg: GETAConfig,
             raise ValueError(
                 "prepare_model: the model is already prepared with different quantization "
                 f"settings {existing}; requested {spec}. Start from the float model to change them.")
-        if cfg.quantize_activations and calibration_data is not None:
+        if calibration_data is not None:
             calibrate_activations(model, calibration_data, cfg)
         return model
     chosen, frozen = _select_layers(model, cfg)
@@ -138,7 +143,7 @@ def prepare_model(model: nn.Module, cfg: GETAConfig,
             new.weight_quantizer.init_range(mod.weight.detach().abs().amax().float(), w_bits)
         set_submodule(model, name, new)
     setattr(model, QUANT_SPEC_ATTR, spec)
-    if cfg.quantize_activations and calibration_data is not None:
+    if calibration_data is not None:
         calibrate_activations(model, calibration_data, cfg)
     return model
 
