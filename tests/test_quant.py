@@ -205,6 +205,9 @@ def test_prepare_gpt2_conv1d_and_tied_head():
     with torch.no_grad():
         out = model(**inputs).logits
     assert (out - ref).abs().max().item() < 1e-3
+    # naming only the tied head: refused, and the error says why
+    with pytest.raises(ValueError, match="lm_head share.* a tied weight"):
+        geta_hf.prepare_model(build("gpt2")[0], GETAConfig(include_modules=["lm_head"]))
 
 
 def test_include_exclude_patterns():

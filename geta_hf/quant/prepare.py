@@ -68,14 +68,14 @@ def _select_layers(model: nn.Module, cfg: GETAConfig):
                     f"({_type_names()}) of "
                     f"{type(model).__name__}; module names look like: {example}")
     shared = _shared_weights(model)
-    chosen, frozen = [], []
+    chosen, frozen, tied = [], [], []
     for name, mod in candidates:
         if cfg.include_modules is not None and not _matches(name, cfg.include_modules):
             continue
         if _matches(name, cfg.exclude_modules):
             continue
         if id(mod.weight) in shared:
-            logger.info("geta_hf: not quantizing %s: its weight is tied to another module", name)
+            tied.append(name)
             continue
         if not cfg.compress_frozen and not mod.weight.requires_grad:
             frozen.append(name)
@@ -85,7 +85,11 @@ def _select_layers(model: nn.Module, cfg: GETAConfig):
         logger.info("geta_hf: not quantizing %d layer(s) with a frozen weight (requires_grad="
                     "False): %s%s; set GETAConfig(compress_frozen=True) to quantize them",
                     len(frozen), ", ".join(frozen[:4]), " ..." if len(frozen) > 4 else "")
-    return chosen, frozen
+    if tied:  # a warning when the user named them in include_modules, else routine
+        level = logging.WARNING if cfg.include_modules is not None else logging.INFO
+        logger.log(level, "geta_hf: not quantizing %s: the weight is tied to another module "
+                   "(e.g. an LM head tied to the embeddings)", ", ".join(tied))
+    return chosen, frozen, tied
 
 
 def prepare_model(model: nn.Module, cfg: GETAConfig,
@@ -128,10 +132,12 @@ def prepare_model(model: nn.Module, cfg: GETAConfig,
         if calibration_data is not None:
             calibrate_activations(model, calibration_data, cfg)
         return model
-    chosen, frozen = _select_layers(model, cfg)
+    chosen, frozen, tied = _select_layers(model, cfg)
     if not chosen:
         why = (f"; {len(frozen)} are left out because their weight is frozen (requires_grad="
                "False): set GETAConfig(compress_frozen=True) to quantize them") if frozen else ""
+        if tied:
+            why += f"; {', '.join(tied)} share(s) a tied weight, which stays in float"
         raise ValueError(
             f"prepare_model: no quantizable layer ({_type_names()}) of {type(model).__name__} was selected for "
             f"quantization; check GETAConfig.include_modules / exclude_modules{why}")
