@@ -498,6 +498,14 @@ def test_no_decay_parameters_take_no_weight_decay():
     assert opt._step == 1 and len(opt.param_groups) == 3
 
 
+def test_a_model_on_two_devices_is_refused_by_name():
+    cfg = GETAConfig(**SHORT)
+    model, _, qadg = _setup("llama", cfg)
+    model.model.norm.to("meta")  # stands in for a second accelerator (device_map="auto")
+    with pytest.raises(ValueError, match=r"more than one device .*'model\.norm\.weight' on meta"):
+        QASSO(model, qadg, cfg, lr=1e-3, total_steps=40)
+
+
 # ----------------------------------------------------------------------------- schedule edges
 @pytest.mark.parametrize("stages", [(0, 10, 20), (0, 0, 20), (5, 10, 0), (0, 0, 0), (0, 0, 2),
                                     (0, 30, 0)])

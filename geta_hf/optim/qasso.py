@@ -68,8 +68,8 @@ from .bits import BitController
 from .layout import QuantTable, trained_quant_layers
 from .pruning import PruningController
 from .schedule import StagePlan
-from .setup import (VARIANTS, check_args, check_budget, check_quantizers, dense_optimizer,
-                    grads_finite)
+from .setup import (VARIANTS, check_args, check_budget, check_one_device, check_quantizers,
+                    dense_optimizer, grads_finite)
 from .state import (STATE_FORMAT, StateMismatchError, check_param_groups, check_progress,
                     check_same_run, check_state, search_space)
 
@@ -152,6 +152,7 @@ class QASSO(torch.optim.Optimizer):
                      if q is not None for p in q.parameters()}  # never in the weights group
         weights = [p for p in named.values() if p.requires_grad and id(p) not in quant_ids]
         quant = [p for p in self._quant.params if p.requires_grad]
+        check_one_device(named, quant_ids)
         inner = dense_optimizer(variant, weights, quant, lr, quant_lr, weight_decay, betas, eps,
                                 momentum, dampening, nesterov, no_decay={id(p) for p in no_decay})
         self._ready = False

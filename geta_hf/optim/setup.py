@@ -85,6 +85,22 @@ def dense_optimizer(variant: str, weights: List[torch.Tensor], quant: List[torch
                            nesterov=nesterov, foreach=True)
 
 
+def check_one_device(named: dict, quant_ids: AbstractSet[int]) -> None:
+    """QASSO keeps its unit and quantizer tables as single tensors: every trainable parameter
+    must live on one device (a model spread with ``device_map`` is refused, naming a parameter
+    on each side)."""
+    trainable = [(n, p) for n, p in named.items() if p.requires_grad or id(p) in quant_ids]
+    if not trainable:
+        return
+    first_name, first = trainable[0]
+    other = next(((n, p) for n, p in trainable if p.device != first.device), None)
+    if other is not None:
+        raise ValueError(f"QASSO: the model's trainable parameters are on more than one device "
+                         f"({first_name!r} on {first.device}, {other[0]!r} on {other[1].device}); "
+                         "QASSO needs them on one device (load the model without a multi-device "
+                         "device_map, or .to() one device)")
+
+
 def check_quantizers(layers, cfg: GETAConfig) -> None:
     """Refuse uncalibrated input quantizers, or input quantizers ``cfg`` does not describe."""
     uncal = [n for n, m in layers if m.act_quantizer is not None and not m.act_quantizer.calibrated]
