@@ -187,6 +187,10 @@ def test_mark_unprunable_by_module_and_parameter():
     assert [f.offset for f in q.families] == [0, 4]
     with pytest.raises(ValueError, match="matches no module or parameter"):
         q.mark_unprunable("bert.encoder.layer.9")
+    # a bad pattern after a good one: refused before the good one removes anything
+    with pytest.raises(ValueError, match="'nope' matches no .* nothing was changed"):
+        q.mark_unprunable(["bert.encoder.layer.1.output.dense", "nope"])
+    assert q.num_groups == n - 48 - 4 and [f.offset for f in q.families] == [0, 4]
     q2 = build_qadg(model, make(0), GETAConfig(unprunable_modules=["*.attention.*"]))
     assert [f.kind for f in q2.families] == ["channels", "channels"]
 

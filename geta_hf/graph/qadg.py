@@ -190,13 +190,14 @@ class QADG:
         known = set(self.known_params)
         if model is not None:
             known |= {n for n, _ in model.named_parameters()}
-        removed = []
-        for pat in names:
-            hits = [p for p in known if _name_matches(p, pat)]
-            if not hits:
+        for pat in names:  # every pattern is checked before anything changes
+            if not any(_name_matches(p, pat) for p in known):
                 example = ", ".join(sorted(known)[:3])
                 raise ValueError(f"mark_unprunable: {pat!r} matches no module or parameter of "
-                                 f"{self.model_name} (names look like: {example}, ...)")
+                                 f"{self.model_name} (names look like: {example}, ...); nothing "
+                                 "was changed")
+        removed = []
+        for pat in names:
             for f in list(self._families):
                 if any(_name_matches(p, pat) for p in f.params):
                     self._families.remove(f)
