@@ -258,6 +258,11 @@ def _verify(model: nn.Module, inputs: Mapping[str, Any], reference: List[torch.T
             f"({type(e).__name__}: {e}). Its forward probably reads a size attribute geta-hf "
             "did not update; mark that module unprunable (qadg.mark_unprunable). The model was "
             "left as it was before compress_model") from e
+    if len(after) != len(reference):
+        raise CompressionError(
+            f"compress_model: the compressed {type(model).__name__} returns {len(after)} "
+            f"output tensor(s), the zeroed model {len(reference)}; the model was left as it was "
+            "before compress_model")
     for i, (a, b) in enumerate(zip(reference, after)):
         # tolerance relative to the output's scale (large logits carry larger float noise)
         tol = atol * max(1.0, float(a.float().abs().max())) if a.numel() else atol
