@@ -233,6 +233,25 @@ def test_verification_catches_a_broken_forward():
         registry._SHAPE_ATTRS["size"] = names
 
 
+def test_verification_catches_a_dropped_output():
+    """An output the compressed model no longer returns is an error, not skipped by zip."""
+    model, make = build("bert")
+    q = build_qadg(model, make(0))
+    _zero_half(q, model)
+
+    shapes = {n: p.shape for n, p in model.named_parameters()}
+    calls = []
+
+    def hook(mod, args, out):
+        calls.append(1)
+        return out if len(calls) == 1 else type(out)(start_logits=out.start_logits)
+
+    model.register_forward_hook(hook)
+    with pytest.raises(CompressionError, match="returns 1 output tensor.*zeroed model 2"):
+        compress_model(model, q, example_inputs=make(0))
+    assert {n: p.shape for n, p in model.named_parameters()} == shapes  # rolled back
+
+
 # ----------------------------------------------------------------------------- metrics
 def test_macs_and_bops_by_hand_tiny_bert():
     model, make = build("bert")  # hidden 32, 4 heads of 8, MLP 48, 2 layers, QA head
