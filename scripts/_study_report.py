@@ -468,7 +468,8 @@ def render_section(store: RunStore, study: str, *, heading: str, metrics: Sequen
                    log_y=log_y)
         lines += [f"Produced by (run time: {run_time_text(records)}, 2-core CPU):", "",
                   commands_text(records), "", method_text(hp, calibration_batches, records),
-                  variants_text(records), model_text, "", f"![{ylabel} vs relative BOPs]({os.path.basename(png)})", ""]
+                  variants_text(records), model_text, "",
+                  f"![{ylabel} vs relative BOPs]({os.path.basename(png)})", ""]
         bits_png = plot_layer_bits(records, os.path.join(out_dir, f"bits_{study}.png"),
                                    "Learned per-layer weight bits")
         if bits_png:

@@ -213,7 +213,6 @@ def _finish(program) -> None:
         node.metadata_props.clear()
 
 
-@torch.no_grad()
 def _move_in(tmp: str, folder: str, graph: str) -> None:
     """Move the exported files from ``tmp`` into ``folder``: the weights file (if any, which
     did not exist before) first, the graph last, so ``folder`` never holds a graph whose
@@ -231,6 +230,7 @@ def _move_in(tmp: str, folder: str, graph: str) -> None:
         raise
 
 
+@torch.no_grad()
 def export_onnx(model: nn.Module, path: str | os.PathLike,
                 example_inputs: Mapping[str, Any]) -> Dict[str, str]:
     """Write ``model`` (compressed by :func:`geta_hf.compress_model`) to the ONNX file ``path``.

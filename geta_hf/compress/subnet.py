@@ -149,10 +149,11 @@ def compress_model(model: nn.Module, qadg: QADG, *, pack: bool = True,
     neighbouring level, which is not a compression error.
 
     All or nothing: every parameter and buffer is first checked to be finite, and (when packing)
-    every input quantizer to be calibrated (``ValueError`` naming the layer), and if anything fails afterwards (packing, the verification, an
-    interrupt) every change is undone before the error propagates: the model holds its original
-    modules, parameters (the same tensors, untouched) and attributes, is not marked compressed,
-    and ``compress_model`` can be called again once the cause is fixed.
+    every input quantizer to be calibrated (``ValueError`` naming the layer); if anything fails
+    afterwards (packing, the verification, an interrupt) every change is undone before the error
+    propagates: the model holds its original modules, parameters (the same tensors, untouched)
+    and attributes, is not marked compressed, and ``compress_model`` can be called again once
+    the cause is fixed.
     """
     if CompressedArch.of(model) is not None:
         raise ValueError("compress_model: this model is already compressed")
