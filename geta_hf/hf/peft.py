@@ -122,6 +122,9 @@ def run_config(cfg: GETAConfig, model: nn.Module) -> GETAConfig:
     names = [n for n, _ in model.named_modules()]
     extra = [p for p in ("*.lora_A.*", "*.lora_B.*", "*.original_module", "*.original_module.*")
              if any(fnmatch.fnmatchcase(n, p) for n in names) and p not in cfg.exclude_modules]
+    logger.info("geta_hf: PEFT model: GETA compresses the frozen base layers (compress_frozen="
+                "True for this run) and leaves %s unquantized; the given GETAConfig is unchanged",
+                ", ".join(extra) or "no adapter module")
     return dataclasses.replace(cfg, compress_frozen=True,
                                exclude_modules=tuple(cfg.exclude_modules) + tuple(extra))
 
