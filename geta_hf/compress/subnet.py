@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..graph.qadg import QADG, Family
-from ..quant.layers import QuantLayerMixin
+from ..quant.layers import QuantLayerMixin, quant_layers, uncalibrated_inputs
 from ..quant.prepare import input_quantizers_disabled
 from ..registry import shape_attributes
 from .packed import pack_layer
@@ -52,8 +52,7 @@ def _check_finite(model: nn.Module) -> None:
 def _check_calibrated(model: nn.Module) -> None:
     """Refuse input quantizers that were never calibrated: they compute nothing (the identity),
     and a packed layer carrying one would save a checkpoint that cannot be loaded."""
-    bad = [n for n, m in model.named_modules() if isinstance(m, QuantLayerMixin)
-           and m.act_quantizer is not None and not m.act_quantizer.calibrated]
+    bad = uncalibrated_inputs(quant_layers(model))
     if bad:
         raise ValueError(f"compress_model: the input quantizers of {len(bad)} layer(s) were never "
                          f"calibrated (first: {bad[0]!r}); nothing was changed. Calibrate them "

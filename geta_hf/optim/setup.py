@@ -12,6 +12,7 @@ from typing import AbstractSet, List, Sequence, Tuple
 import torch
 
 from ..config import GETAConfig
+from ..quant.layers import uncalibrated_inputs
 from .schedule import StagePlan
 
 __all__ = ["VARIANTS", "check_args", "dense_optimizer", "check_quantizers", "check_budget",
@@ -103,7 +104,7 @@ def check_one_device(named: dict, quant_ids: AbstractSet[int]) -> None:
 
 def check_quantizers(layers, cfg: GETAConfig) -> None:
     """Refuse uncalibrated input quantizers, or input quantizers ``cfg`` does not describe."""
-    uncal = [n for n, m in layers if m.act_quantizer is not None and not m.act_quantizer.calibrated]
+    uncal = uncalibrated_inputs(layers)
     if uncal:
         raise ValueError(
             f"QASSO: the input (activation) quantizers of {len(uncal)} layer(s) are not "

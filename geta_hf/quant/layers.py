@@ -134,3 +134,8 @@ def is_quant_layer(module: nn.Module) -> bool:
 def quant_layers(model: nn.Module):
     """``(name, layer)`` for every quantized layer of ``model``, in module order."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLayerMixin)]
+
+
+def uncalibrated_inputs(layers) -> list:
+    """Names of the ``(name, layer)`` pairs whose input quantizer was never calibrated."""
+    return [n for n, m in layers if m.act_quantizer is not None and not m.act_quantizer.calibrated]
