@@ -108,41 +108,67 @@ def _setting_of(row: Mapping[str, Any]) -> Setting:
 
 
 def best_sequential(g: Mapping[str, Any], by_key: Mapping[str, Mapping[str, Any]], metric: str,
-                    higher: bool) -> Optional[Mapping[str, Any]]:
+                    higher: bool, score: Optional[Callable[[Mapping[str, Any]], float]] = None
+                    ) -> Optional[Mapping[str, Any]]:
     """The sequential row (with or without KD, either clip) at GETA row ``g``'s sparsity and bit
-    target with the best mean ``metric``; None when there is none."""
+    target with the best ``score`` (default: mean ``metric``); None when there is none."""
     tag = _setting_of(g).tag
     seqs = [by_key[k] for k in (f"{pre}-{tag}-{clip}" for pre in ("seq", "seq-kd")
                                 for clip in ("max", "mse")) if k in by_key]
+    score = score or (lambda r: r["metrics"][metric]["mean"])
     sign = 1 if higher else -1
-    return max(seqs, key=lambda r: sign * r["metrics"][metric]["mean"]) if seqs else None
+    return max(seqs, key=lambda r: sign * score(r)) if seqs else None
 
 
-def verdict(rows: Sequence[Mapping[str, Any]], metric: str, title: str, higher: bool) -> List[str]:
+def _scorer(seeds: Sequence[int], metric: str, vals: Optional[Mapping[str, Mapping[int, float]]]
+            ) -> Tuple[Callable[[Mapping[str, Any]], float], Callable[[Mapping[str, Any]], bool]]:
+    """``(score, restricted)``: a row's mean ``metric`` over ``seeds`` when its per-seed values
+    (``vals``) cover them and it ran on other seeds too (a one-seed GETA arm is then compared
+    with the baselines' same seed, not their mean over three), else its mean; ``restricted``
+    tells whether that restriction applied."""
+    def restricted(r):
+        have = (vals or {}).get(r["key"], {})
+        return list(r["seeds"]) != list(seeds) and all(s in have for s in seeds)
+
+    def score(r):
+        if restricted(r):
+            return statistics.fmean(vals[r["key"]][s] for s in seeds)
+        return r["metrics"][metric]["mean"]
+    return score, restricted
+
+
+def verdict(rows: Sequence[Mapping[str, Any]], metric: str, title: str, higher: bool,
+            vals: Optional[Mapping[str, Mapping[int, float]]] = None) -> List[str]:
     """Plain statements, from the numbers, of how each GETA row fares against the sequential
     baseline at the same sparsity and bit target (the better of its two clip variants), and
-    the rows on the metric-vs-BOPs Pareto front."""
+    the rows on the metric-vs-BOPs Pareto front. With ``vals`` (:func:`per_seed`), a GETA row
+    run on fewer seeds than its baselines is compared on its own seeds (see :func:`_scorer`)."""
     lines = []
     by_key = {r["key"]: r for r in rows}
     wins = losses = 0
     dense = by_key.get("dense")
     for g in (r for r in rows if r["method"] in ("geta", "geta_kd")):
         setting = _setting_of(g)
-        best = best_sequential(g, by_key, metric, higher)
+        score, restricted = _scorer(g["seeds"], metric, vals)
+        best = best_sequential(g, by_key, metric, higher, score)
         if best is None:
             continue
         gm, gb = g["metrics"][metric]["mean"], g["relative_bops"]["mean"]
-        sm, sb = best["metrics"][metric]["mean"], best["relative_bops"]["mean"]
+        sm, sb = score(best), best["relative_bops"]["mean"]
         won = not _better(sm, gm, higher)  # at least equal
         wins, losses = wins + won, losses + (not won)
         gap = ""
         if dense is not None:
-            dm = dense["metrics"][metric]["mean"]
+            dm = score(dense)
             gap = f" Dense: {dm:.2f} ({title} {'-' if gm < dm else '+'}{abs(gm - dm):.2f})."
+        on = ""
+        if restricted(best) or (dense is not None and restricted(dense)):
+            on = f" (on seed{'s' if len(g['seeds']) > 1 else ''} " + ",".join(
+                str(s) for s in g["seeds"]) + ", the seeds this GETA row ran)"
         lines.append(
             f"- **sparsity {setting.sparsity:g}, {setting.bits_label}**: {g['label']} {title} "
             f"{gm:.2f} at {gb:.4f}x BOPs; best sequential arm ({best['label']}) {sm:.2f} at "
-            f"{sb:.4f}x BOPs. GETA is {'at least equal' if won else '**worse**'}: {title} "
+            f"{sb:.4f}x BOPs{on}. GETA is {'at least equal' if won else '**worse**'}: {title} "
             f"{'+' if gm >= sm else '-'}{abs(gm - sm):.2f}, at {gb / sb:.2f}x the baseline's "
             f"BOPs.{gap}")
     if wins and not losses:
@@ -478,7 +504,8 @@ def render_section(store: RunStore, study: str, *, heading: str, metrics: Sequen
             lines += [f"### {dataset}", "", data_text(dataset, data_sizes(records, dataset)), "",
                       table(rows, metrics, metric_titles), "", seeds_note(rows), "",
                       "**Joint vs. sequential at matched settings** (computed from the table):", ""]
-            lines += (verdict(rows, metric, metric_title, higher)
+            lines += (verdict(rows, metric, metric_title, higher,
+                              per_seed(records, dataset, metric))
                       or ["- no matched GETA / sequential pair yet"])
             lines.append("")
             paired = seed_tables(records, dataset, rows, metric, metric_title, higher)

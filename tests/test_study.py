@@ -219,3 +219,32 @@ def test_study_report_pairs_seeds_and_names_variants():
     assert "| GETA - sequential | +2.00 | +2.00 | +2.00 ± 0.00 |" in text
     assert "| GETA - dense | -4.00 | -2.00 | -3.00 ± 1.41 |" in text
     assert report.variants_text(records).endswith("- `late`: joint 0.2\n")
+
+
+def test_study_verdict_compares_a_one_seed_arm_on_its_own_seed():
+    """A GETA arm run on seed 0 only is compared with the baselines' seed 0, not with their mean
+    over more seeds, and the verdict says so."""
+    report = _import_scripts("_study_report")
+
+    def row(key, method, f1, sparsity=0.5, bits=(4, 8)):
+        return {"key": key, "method": method, "label": key, "sparsity": sparsity,
+                "weight_bits": list(bits) if bits else None, "act_bits": None, "note": "",
+                "bops_target": None, "variant": "", "metrics": {"f1": f1},
+                "relative_bops": 0.25 if bits else 1.0, "relative_params": 0.8, "params": 1e6,
+                "size_bytes": 1e6, "latency_ms": 1.0, "avg_linear_weight_bits": 8.0,
+                "avg_act_bits": 0.0, "removed_units": 0.5}
+
+    # seed 0: GETA 60 vs sequential 61 (worse); sequential's mean over seeds 0,1 is 58 (would win)
+    f1 = {0: {"geta": 60.0, "seq": 61.0, "dense": 64.0}, 1: {"seq": 55.0, "dense": 62.0}}
+    keys = {"geta": ("geta-s0.5-w4-8", "geta"), "seq": ("seq-s0.5-w4-8-mse", "sequential"),
+            "dense": ("dense", "dense")}
+    records = [{"dataset": "d", "seed": s, "method": keys[m][1], "variant": {},
+                "rows": [row(keys[m][0], keys[m][1], v, *((0.0, None) if m == "dense" else ()))]}
+               for s, per in f1.items() for m, v in per.items()]
+    rows = report.aggregate(records, ["f1"])["d"]
+    text = "\n".join(report.verdict(rows, "f1", "F1", True, report.per_seed(records, "d", "f1")))
+    assert "best sequential arm (seq-s0.5-w4-8-mse) 61.00 at 0.2500x BOPs (on seed 0" in text
+    assert "GETA is **worse**: F1 -1.00" in text and "Dense: 64.00 (F1 -4.00)" in text
+    # without per-seed values, the means (the previous behaviour)
+    text = "\n".join(report.verdict(rows, "f1", "F1", True))
+    assert "best sequential arm (seq-s0.5-w4-8-mse) 58.00" in text and "on seed" not in text
