@@ -1,5 +1,7 @@
 """Integer inference: PackedQuantLinear on int8 x int8 -> int32 GEMMs vs the float path."""
 
+import warnings
+
 import pytest
 import torch
 import transformers as tf
@@ -203,9 +205,12 @@ def test_torch_export_traces_the_float_path(int_calls):
     model, make = compress_tiny("bert")
     outputs(model, make(1))  # integer caches built
     int_calls.clear()
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         program = torch.export.export(model, (), make(1), strict=False)
     assert not int_calls
+    # the float path writes no module state while exported (no dequantized-weight cache)
+    assert not [w for w in caught if "assigned during export" in str(w.message)]
     with torch.no_grad():
         got = program.module()(**make(2))
     with use_integer_kernels(model, False):

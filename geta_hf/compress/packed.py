@@ -187,7 +187,8 @@ class PackedQuantLinear(PackedLayer, nn.Linear):
                 return int8_linear(x, state, self.bias)
         if self.act_quantizer is not None:
             x = self.act_quantizer(x)
-        if self.training:
+        if self.training or torch.compiler.is_exporting():
+            # an exported graph dequantizes from the packed codes (no module state is written)
             w = self.dequantized_weight(x.dtype)
         else:  # inference: dequantize once and reuse
             key = (x.dtype,) + self._state_key(x.device)
